@@ -1,0 +1,168 @@
+"""The ``pyro-vae`` command: parses arguments, calls the library, reports.
+
+This is the only module that reads ``sys.argv`` or prints for people. Errors the user can
+fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import BINARIZE_MODES, DEVICES, ELBOS, RunConfig
+from .data import DATASETS
+from .errors import ConfigError, PyroVAEError
+from .likelihoods import available_likelihoods, get_likelihood
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def _hidden_dims(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 400 or 512,256, got {text!r}"
+        ) from None
+
+
+def _option(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER such as scale=0.05, got {text!r}"
+                                         ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyro-vae",
+        description="Variational autoencoders as Pyro model/guide functions, trained with SVI.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a VAE and write a run folder",
+                       description="Train a VAE with SVI and write a run folder "
+                                   "(config.json, metrics.jsonl, checkpoint.pt).")
+    where = t.add_argument_group("run folder")
+    where.add_argument("--out", type=Path, help="run folder to create (default: runs/quickstart)")
+    where.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue this run from its checkpoint (with --epochs: up to N)")
+    where.add_argument("--force", action="store_true",
+                       help="replace a run that --out already holds")
+    d = t.add_argument_group("data")
+    d.add_argument("--dataset", choices=DATASETS, help="default: auto (MNIST, else mnist-sample)")
+    d.add_argument("--data-dir", help="folder with the IDX files (flat or torchvision layout)")
+    d.add_argument("--binarize", choices=BINARIZE_MODES,
+                   help="default: dynamic for bernoulli, none otherwise")
+    d.add_argument("--train-limit", type=int, metavar="N", help="use the first N training images")
+    d.add_argument("--test-limit", type=int, metavar="N", help="use the first N test images")
+    d.add_argument("--no-download", dest="download", action="store_false", default=None,
+                   help="never try to download a data set")
+    m = t.add_argument_group("model")
+    m.add_argument("--likelihood", help=f"one of {', '.join(available_likelihoods())} "
+                                        "(default: bernoulli)")
+    m.add_argument("--likelihood-option", type=_option, action="append", metavar="KEY=VALUE",
+                   help="likelihood setting, e.g. scale=0.05 for normal-fixed (repeatable)")
+    m.add_argument("--z-dim", type=int, help="latent dimensions (default: 20)")
+    m.add_argument("--hidden-dims", type=_hidden_dims, help="hidden sizes, e.g. 400 or 512,256")
+    m.add_argument("--activation", help="relu (default), softplus, tanh or elu")
+    o = t.add_argument_group("optimization")
+    o.add_argument("--epochs", type=int, help="total epochs (default: 10)")
+    o.add_argument("--batch-size", type=int, help="default: 128")
+    o.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
+    o.add_argument("--elbo", choices=ELBOS,
+                   help="trace (Trace_ELBO, default) or meanfield (analytic KL)")
+    o.add_argument("--num-particles", type=int, help="ELBO particles, vectorized (default: 1)")
+    o.add_argument("--jit", action="store_true", default=None, help="compile the ELBO (Pyro JIT)")
+    o.add_argument("--seed", type=int, help="default: 0")
+    o.add_argument("--device", choices=DEVICES, help="default: auto (CUDA if available)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    t.set_defaults(func=cmd_train)
+
+    ls = sub.add_parser("likelihoods", help="list the registered likelihoods")
+    ls.set_defaults(func=cmd_likelihoods)
+    return parser
+
+
+_FIELDS = {
+    "data": ["dataset", "data_dir", "binarize", "train_limit", "test_limit", "download"],
+    "model": ["likelihood", "z_dim", "hidden_dims", "activation"],
+    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "jit", "seed", "device"],
+}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A :class:`RunConfig` with the defaults, overridden by the arguments given."""
+    config = RunConfig()
+    for section, names in _FIELDS.items():
+        for name in names:
+            value = getattr(args, name)
+            if value is not None:
+                setattr(getattr(config, section), name, value)
+    if args.likelihood_option:
+        config.model.likelihood_options = dict(args.likelihood_option)
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume is not None:
+        given = [f"--{n.replace('_', '-')}" for names in _FIELDS.values() for n in names
+                 if n != "epochs" and getattr(args, n) is not None]
+        given += ["--likelihood-option"] if args.likelihood_option else []
+        given += ["--out"] if args.out is not None else []
+        if given:
+            raise ConfigError(f"--resume continues a run with its own settings; drop "
+                              f"{', '.join(given)} (only --epochs applies)")
+        run = train(resume=args.resume, epochs=args.epochs, progress=_progress(args))
+    else:
+        out = args.out if args.out is not None else Path("runs/quickstart")
+        run = train(config_from_args(args), out, force=args.force, progress=_progress(args))
+    if run.interrupted:
+        print(f"interrupted after epoch {run.epoch}; continue with: "
+              f"pyro-vae train --resume {run.path}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if run.metrics:
+        last = run.metrics[-1]
+        print(f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
+              f"test ELBO {last['test_elbo']:.2f} nats/image "
+              f"(log-likelihood term {last['test_log_likelihood']:.2f}, KL {last['test_kl']:.2f})")
+    print(f"run folder: {run.path}")
+    return 0
+
+
+def cmd_likelihoods(args: argparse.Namespace) -> int:
+    for name in available_likelihoods():
+        lik = get_likelihood(name)
+        print(f"{name:22s} {lik.num_params} output(s)/pixel  {lik.description}")
+    return 0
+
+
+def _progress(args) -> bool | None:
+    return False if args.quiet else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="pyro-vae: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except PyroVAEError as e:
+        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

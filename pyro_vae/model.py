@@ -1,0 +1,127 @@
+"""The variational autoencoder as a Pyro model and guide (Kingma & Welling, 2014).
+
+Generative model, for each image ``n`` in the batch::
+
+    z_n ~ Normal(0, I)                    # (z_dim,)
+    x_n ~ likelihood(decoder(z_n))        # (x_dim,), pixels independent given z_n
+
+Amortized guide::
+
+    z_n ~ Normal(loc(x_n), diag(scale(x_n))^2)     # reparameterized: loc + scale * eps
+
+Both run inside ``pyro.plate("data", B, dim=-1)``; an outer particle plate at dim -2
+(vectorized ELBO particles, importance samples) broadcasts through unchanged. With
+``num_data=N`` the log densities are scaled by ``N / B`` so a minibatch gives an unbiased
+estimate of the full-data ELBO.
+
+This is the only module that calls ``pyro.sample``. The networks are ordinary
+``nn.Module`` s and are not registered in Pyro's global parameter store, so several VAEs
+can live side by side in one notebook; optimize ``vae.parameters()`` with a torch
+optimizer and Pyro's ELBO as the loss (see :mod:`pyro_vae.train`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from .likelihoods import Likelihood, get_likelihood
+from .networks import Decoder, Encoder
+
+
+class VAE(nn.Module):
+    """Variational autoencoder with a swappable likelihood.
+
+    Parameters
+    ----------
+    likelihood:
+        A :class:`~pyro_vae.likelihoods.Likelihood` or the name of a registered one.
+    x_dim, z_dim:
+        Data and latent dimensions.
+    hidden_dims:
+        Hidden layer sizes of the encoder; the decoder mirrors them.
+    activation:
+        ``relu`` (the PyTorch example), ``softplus`` (Pyro's example), ``tanh`` or ``elu``.
+    likelihood_options:
+        Keyword options for the likelihood's builder, e.g. ``{"scale": 0.05}``.
+    """
+
+    def __init__(
+        self,
+        likelihood: Likelihood | str = "bernoulli",
+        x_dim: int = 784,
+        z_dim: int = 20,
+        hidden_dims: Sequence[int] = (400,),
+        activation: str = "relu",
+        likelihood_options: dict | None = None,
+    ):
+        super().__init__()
+        if isinstance(likelihood, str):
+            likelihood = get_likelihood(likelihood)
+        self.likelihood = likelihood
+        self.likelihood_options = dict(likelihood_options or {})
+        likelihood.check_options(self.likelihood_options)
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.encoder = Encoder(x_dim, hidden_dims, z_dim, activation)
+        self.decoder = Decoder(z_dim, tuple(reversed(hidden_dims)), x_dim,
+                               likelihood.num_params, activation)
+
+    # -- Pyro model and guide ---------------------------------------------------------
+
+    def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """p(z) p(x | z) for a batch ``x`` of shape ``(B, x_dim)``."""
+        batch = x.shape[0]
+        scale = 1.0 if num_data is None else num_data / batch
+        with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
+            prior = dist.Normal(x.new_zeros(()), 1.0).expand([batch, self.z_dim])
+            z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
+            pyro.sample("x", self.decode(z).to_event(1), obs=self.likelihood.prepare_data(x))
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """q(z | x) = N(loc(x), diag(scale(x))^2) for a batch ``x`` of shape ``(B, x_dim)``."""
+        batch = x.shape[0]
+        scale = 1.0 if num_data is None else num_data / batch
+        with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
+            loc, z_scale = self.encoder(x)  # (B, z_dim) each
+            pyro.sample("z", dist.Normal(loc, z_scale).to_event(1))
+
+    # -- Deterministic helpers for evaluation and pictures ----------------------------
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z), batch shape ``(..., x_dim)`` for ``z`` of shape ``(..., z_dim)``."""
+        return self.likelihood.distribution(self.decoder(z), **self.likelihood_options)
+
+    def encode(self, x: torch.Tensor) -> dist.Normal:
+        """q(z | x), batch shape ``(..., z_dim)``."""
+        loc, scale = self.encoder(x)
+        return dist.Normal(loc, scale)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z = posterior mean of q(z | x)): what reconstructions show."""
+        return self.decode(self.encode(x).loc).mean
+
+    @torch.no_grad()
+    def sample_prior(self, num_samples: int) -> dist.Distribution:
+        """p(x | z) for ``num_samples`` draws ``z ~ N(0, I)``."""
+        device = next(self.parameters()).device
+        return self.decode(torch.randn(num_samples, self.z_dim, device=device))
+
+
+def build_vae(config) -> VAE:
+    """The VAE described by a :class:`~pyro_vae.config.RunConfig` (as saved in a run)."""
+    binary_data = config.binarize_mode() != "none"
+    m = config.model
+    return VAE(
+        get_likelihood(m.likelihood, binary_data=binary_data),
+        x_dim=m.x_dim,
+        z_dim=m.z_dim,
+        hidden_dims=m.hidden_dims,
+        activation=m.activation,
+        likelihood_options=m.likelihood_options,
+    )
