@@ -20,6 +20,13 @@ from .likelihoods import available_likelihoods, get_likelihood
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error that points at --help instead of the usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _hidden_dims(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -41,12 +48,13 @@ def _option(text: str) -> tuple[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-vae",
         description="Variational autoencoders as Pyro model/guide functions, trained with SVI.",
     )
     parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a VAE and write a run folder",
                        description="Train a VAE with SVI and write a run folder "
@@ -151,13 +159,21 @@ def _progress(args) -> bool | None:
     return False if args.quiet else None
 
 
+def _log_to_stderr(level: int) -> None:
+    """Send the library's log records to stderr as ``pyro-vae: message`` lines."""
+    logger = logging.getLogger("pyro_vae")
+    for handler in [h for h in logger.handlers if getattr(h, "_pyro_vae_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pyro-vae: %(message)s"))
+    handler._pyro_vae_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-        format="pyro-vae: %(message)s",
-        stream=sys.stderr,
-    )
+    _log_to_stderr(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         return args.func(args)
     except PyroVAEError as e:

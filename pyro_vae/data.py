@@ -96,7 +96,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"{path} holds {len(raw) - header} bytes of data but its header promises "
             f"{expected} for shape {shape}; the file is truncated or corrupt, replace it"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).copy()
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
@@ -200,10 +200,9 @@ def load_dataset(config: DataConfig) -> Dataset:
         data = load_mnist_sample()
     else:
         data = _load_full(name, config)
-    if config.train_limit is not None:
-        data.train_x, data.train_y = data.train_x[: config.train_limit], data.train_y[: config.train_limit]
-    if config.test_limit is not None:
-        data.test_x, data.test_y = data.test_x[: config.test_limit], data.test_y[: config.test_limit]
+    n_train, n_test = config.train_limit, config.test_limit
+    data.train_x, data.train_y = data.train_x[:n_train], data.train_y[:n_train]
+    data.test_x, data.test_y = data.test_x[:n_test], data.test_y[:n_test]
     log.info("data set %s: %d training and %d test images", data.name,
              len(data.train_x), len(data.test_x))
     return data
@@ -217,8 +216,9 @@ def _load_full(name: str, config: DataConfig) -> Dataset:
     folder = _idx_folder(name, roots)
     if folder is None and requested != "auto" and config.data_dir is not None:
         raise DataError(
-            f"{config.data_dir} does not hold the four {name} IDX files "
-            f"({', '.join(s for pair in _IDX_FILES.values() for s in pair)}, .gz or raw)"
+            f"--data-dir {config.data_dir} does not hold the four {name} IDX files "
+            f"({', '.join(s for pair in _IDX_FILES.values() for s in pair)}, .gz or raw); "
+            "put them there, or use --dataset mnist-sample"
         )
     if folder is None and config.download:
         try:

@@ -6,6 +6,7 @@ All quantities are in nats per image. The ELBO is reported as itself (higher is 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pyro
@@ -13,6 +14,19 @@ import torch
 from pyro import poutine
 
 from .model import VAE
+
+
+@contextlib.contextmanager
+def fixed_noise(seed: int | None, device: torch.device):
+    """Draw from a forked torch RNG seeded with ``seed`` (no-op for ``None``).
+
+    Evaluations repeat exactly, and the caller's random stream is left untouched.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 @dataclass
@@ -63,15 +77,11 @@ def elbo_terms(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int | No
                ) -> ElboTerms:
     """One-sample ELBO of every image in ``x`` (``(N, D)``), in batches.
 
-    With a ``seed`` the noise is drawn from a forked RNG seeded with it, so the result is
-    repeatable and the caller's random stream is left untouched.
+    With a ``seed`` the result repeats exactly (see :func:`fixed_noise`).
     """
     was_training = vae.training
     vae.eval()
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with fixed_noise(seed, x.device):
         parts = [log_weights(vae, xb) for xb in x.split(batch_size)]
     vae.train(was_training)
     log_lik = torch.cat([p.log_likelihood[0] for p in parts])

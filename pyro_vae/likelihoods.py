@@ -79,7 +79,7 @@ class Likelihood:
         return x if self.prepare is None else self.prepare(x)
 
     def check_options(self, options: dict) -> None:
-        """Raise :class:`ConfigError` for an option the builder does not accept."""
+        """Raise :class:`ConfigError` for an option the builder rejects, by name or value."""
         accepted = list(inspect.signature(self.build).parameters)[self.num_params :]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
@@ -88,6 +88,12 @@ class Likelihood:
                 f"likelihood '{self.name}' has no option {', '.join(unknown)}; "
                 f"its options are: {hint}"
             )
+        try:  # build once on dummy parameters so that bad values fail before training
+            self.build(*[torch.zeros(1)] * self.num_params, **options)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"likelihood '{self.name}' rejects options {options}: {e}") from None
 
     def check_support(self, x: torch.Tensor, what: str = "data") -> None:
         """Raise :class:`DataError` if prepared ``x`` lies outside the support.
@@ -237,7 +243,7 @@ class UnnormalizedBernoulli(dist.ContinuousBernoulli):
         """``log C(lambda)`` per pixel: what :meth:`log_prob` leaves out."""
         return self._cont_bern_log_norm()
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         raise NotImplementedError(
             "the relaxed Bernoulli is not a distribution and has no samples; "
             "show its mean, or use the continuous Bernoulli"

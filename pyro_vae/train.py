@@ -59,10 +59,12 @@ def resolve_device(name: str) -> torch.device:
 def make_elbo(config: RunConfig):
     """The Pyro ELBO object named by the training settings."""
     t = config.train
+    options = {"ignore_jit_warnings": True} if t.jit else {}
     return _ELBOS[t.elbo, t.jit](
         num_particles=t.num_particles,
         vectorize_particles=t.num_particles > 1,
         max_plate_nesting=1,
+        **options,
     )
 
 

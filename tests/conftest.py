@@ -1,0 +1,55 @@
+"""Shared fixtures: a clean Pyro state and a fixed seed for every test."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
+
+
+@pytest.fixture(autouse=True)
+def clean_pyro_state():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def shared_mnist() -> Path:
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the real MNIST test set is not at {SHARED_MNIST} (developer/CI machines "
+                    "only)")
+    return SHARED_MNIST
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write ``array`` (uint8) as an IDX file the way LeCun's files are laid out."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return path
+
+
+@pytest.fixture
+def idx_folder(tmp_path, rng) -> Path:
+    """A flat folder with four small MNIST-format files (60 train, 20 test images)."""
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for split, n in (("train", 60), ("t10k", 20)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images, compress=True)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+    return folder

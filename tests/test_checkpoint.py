@@ -1,0 +1,80 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from pyro_vae import CheckpointError, RunConfig, load_run, train
+from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+
+from .test_train import tiny_config
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # the temporary file is gone
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the marker file
+
+
+def test_hostile_pickle_is_refused_and_its_code_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": 1, "model": _RunsCode(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04broken"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_checkpoint_and_foreign_format(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a pyro-vae checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_checkpoint_of_another_model_is_refused_on_resume_and_load(tmp_path):
+    train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["model"]["z_dim"] = 7
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="another model"):
+        train(resume=tmp_path / "run", epochs=2, progress=False)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_run(tmp_path / "run")
+
+
+def test_config_round_trips_through_json():
+    config = tiny_config()
+    config.model.likelihood_options = {"scale": 0.2}
+    again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config

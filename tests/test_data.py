@@ -1,0 +1,148 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae import DataConfig, DataError, load_dataset
+from pyro_vae.data import DeviceBatches, binarize, load_mnist_sample, read_idx, read_idx_split
+
+from .conftest import write_idx
+
+
+def test_read_idx_reads_raw_and_gzip_files(tmp_path, rng):
+    array = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    for compress in (False, True):
+        path = write_idx(tmp_path / f"a{compress}", array, compress=compress)
+        np.testing.assert_array_equal(read_idx(path), array)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda b: b"\x08\x08" + b[2:], "magic number"),
+    (lambda b: b[:-5], "truncated"),
+    (lambda b: b + b"\x00", "promises"),
+    (lambda b: b[:6], "truncated IDX header"),
+])
+def test_read_idx_names_the_problem_with_a_bad_file(tmp_path, rng, corrupt, message):
+    good = write_idx(tmp_path / "good", rng.integers(0, 256, size=(3, 4, 4), dtype=np.uint8))
+    bad = tmp_path / "bad"
+    bad.write_bytes(corrupt(good.read_bytes()))
+    with pytest.raises(DataError, match=message) as info:
+        read_idx(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_idx_reports_a_broken_gzip_stream(tmp_path, rng):
+    path = write_idx(tmp_path / "x.gz", rng.integers(0, 256, size=(30, 28, 28), dtype=np.uint8),
+                     compress=True)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match="cannot read"):
+        read_idx(path)
+
+
+def test_images_and_labels_must_agree_in_count(idx_folder, rng):
+    write_idx(idx_folder / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 19, dtype=np.uint8))
+    with pytest.raises(DataError, match="20 images but .* 19"):
+        read_idx_split(idx_folder, "test")
+
+
+def test_flat_folder_loads_as_tensors_scaled_like_to_tensor(idx_folder):
+    data = load_dataset(DataConfig(dataset="mnist", data_dir=str(idx_folder), download=False))
+    assert data.train_x.shape == (60, 784) and data.test_x.shape == (20, 784)
+    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
+    raw = read_idx(idx_folder / "train-images-idx3-ubyte.gz")
+    torch.testing.assert_close(data.train_x, torch.from_numpy(raw).float().reshape(60, -1) / 255)
+
+
+def test_torchvision_layout_is_found(idx_folder, tmp_path):
+    root = tmp_path / "root"
+    (root / "FashionMNIST").mkdir(parents=True)
+    idx_folder.rename(root / "FashionMNIST" / "raw")
+    data = load_dataset(DataConfig(dataset="fashion-mnist", data_dir=str(root), download=False))
+    assert data.name == "fashion-mnist" and len(data.train_x) == 60
+
+
+def test_pixels_match_torchvision_to_tensor(idx_folder):
+    from PIL import Image
+    from torchvision.transforms import ToTensor
+
+    data = load_dataset(DataConfig(dataset="mnist", data_dir=str(idx_folder), download=False))
+    raw = read_idx(idx_folder / "train-images-idx3-ubyte.gz")
+    for i in range(3):
+        expected = ToTensor()(Image.fromarray(raw[i], mode="L")).reshape(-1)
+        torch.testing.assert_close(data.train_x[i], expected, rtol=0, atol=0)
+
+
+def test_explicit_data_set_that_cannot_be_had_says_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="--data-dir"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path), download=False))
+    with pytest.raises(DataError, match="not a folder"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "missing")))
+    with pytest.raises(DataError, match="unknown data set"):
+        load_dataset(DataConfig(dataset="cifar"))
+
+
+def test_auto_falls_back_to_the_sample_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PYRO_VAE_DATA", str(tmp_path))
+    data = load_dataset(DataConfig(dataset="auto", download=False))
+    assert data.name == "mnist-sample"
+    assert "mnist-sample" in caplog.text
+
+
+def test_auto_uses_full_mnist_when_present(idx_folder):
+    data = load_dataset(DataConfig(dataset="auto", data_dir=str(idx_folder)))
+    assert data.name == "mnist" and len(data.train_x) == 60
+
+
+def test_mnist_sample_is_a_fixed_stratified_split():
+    a, b = load_mnist_sample(), load_mnist_sample()
+    assert a.train_x.shape == (4500, 784) and a.test_x.shape == (500, 784)
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_y, b.train_y)
+    assert torch.bincount(a.test_y).tolist() == [50] * 10
+    assert torch.bincount(a.train_y).tolist() == [450] * 10
+    assert a.train_x.min() == 0 and a.train_x.max() == 1
+    assert ((a.train_x > 0) & (a.train_x < 1)).any()  # gray-scale, not binary
+
+
+def test_real_mnist_test_set_reads(shared_mnist):
+    x, y = read_idx_split(shared_mnist, "test")
+    assert x.shape == (10000, 784) and y.shape == (10000,)
+    assert torch.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert x.min() == 0 and x.max() == 1
+    # the MNIST test set's mean pixel intensity, 0.1325 (the well-known normalization constant)
+    assert abs(x.mean().item() - 0.1325) < 0.001
+
+
+def test_static_binarization_repeats_by_seed():
+    x = torch.rand(100, 784)
+    a, b, c = binarize(x, 3), binarize(x, 3), binarize(x, 4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert abs(a.mean() - x.mean()) < 0.01
+
+
+def test_device_batches_visit_every_image_once_per_epoch():
+    x = torch.arange(10.0).unsqueeze(1)  # (10, 1)
+    batches = DeviceBatches(x, batch_size=4)
+    assert len(batches) == 3
+    seen = torch.cat(list(batches.batches(batches.permutation())))
+    assert sorted(seen.squeeze(1).tolist()) == list(range(10))
+    perm = batches.permutation()
+    tail = torch.cat(list(batches.batches(perm, start=1)))
+    torch.testing.assert_close(tail.squeeze(1), x[perm[4:]].squeeze(1))
+
+
+def test_dynamic_binarization_draws_fresh_images():
+    x = torch.full((50, 784), 0.5)
+    batches = DeviceBatches(x, batch_size=50, dynamic=True)
+    perm = torch.arange(50)
+    first, second = next(batches.batches(perm)), next(batches.batches(perm))
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+
+
+def test_gzip_detected_by_content_not_name(tmp_path, rng):
+    array = rng.integers(0, 256, size=(2, 3), dtype=np.uint8)
+    raw = write_idx(tmp_path / "plain", array)
+    (tmp_path / "zipped-no-suffix").write_bytes(gzip.compress(raw.read_bytes()))
+    np.testing.assert_array_equal(read_idx(tmp_path / "zipped-no-suffix"), array)

@@ -1,0 +1,42 @@
+"""Quality parity with the PyTorch example's hand-written VAE (see docs/benchmarks.md)."""
+
+import pyro
+import torch
+
+from pyro_vae import RunConfig, train
+from pyro_vae.data import DeviceBatches
+from pyro_vae.reference import ReferenceVAE, reference_test_elbo, train_reference_epoch
+from pyro_vae.train import prepare_data
+
+EPOCHS = 10
+
+
+def config(elbo: str) -> RunConfig:
+    c = RunConfig()  # the PyTorch example's 784-400-20 ReLU network, Adam 1e-3, batch 128
+    c.data.dataset, c.train.device = "mnist-sample", "cpu"
+    c.train.epochs, c.train.elbo = EPOCHS, elbo
+    return c
+
+
+def reference_elbo() -> float:
+    pyro.set_rng_seed(0)
+    _, train_x, test_x = prepare_data(config("trace"), torch.device("cpu"))
+    vae = ReferenceVAE()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    batches = DeviceBatches(train_x, 128, dynamic=True)
+    for _ in range(EPOCHS):
+        train_reference_epoch(vae, optimizer, batches)
+    return reference_test_elbo(vae, test_x)
+
+
+def test_test_elbo_after_10_epochs_matches_the_plain_pytorch_loop():
+    reference = reference_elbo()
+    meanfield = train(config("meanfield"), progress=False).metrics[-1]["test_elbo"]
+    trace = train(config("trace"), progress=False).metrics[-1]["test_elbo"]
+    # Seed-to-seed spread of each is about 0.5 nats (scripts/quality_parity.py).
+    # With the analytic KL, as the reference uses, pyro-vae is at least as good within it:
+    assert meanfield > reference - 1.0
+    # Trace_ELBO's Monte-Carlo KL adds gradient noise: measured 1.3 nats behind, and still
+    # better than the -137 nats that DESIGN.md records for this setting.
+    assert trace > reference - 2.5
+    assert trace > -137.0
