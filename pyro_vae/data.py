@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, RunConfig
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -280,3 +280,39 @@ class DeviceBatches:
         for i in range(start * self.batch_size, len(self.x), self.batch_size):
             xb = self.x[perm[i : i + self.batch_size]]  # (B, D)
             yield torch.bernoulli(xb) if self.dynamic else xb
+
+
+def prepare_splits(config: RunConfig, device: torch.device):
+    """Load, binarize and check the data of ``config``; resolve ``auto`` settings in place.
+
+    Returns ``(data, train_x, test_x)``: the :class:`Dataset` and the training and test
+    images on ``device`` as the likelihood will score them. Under dynamic binarization the
+    training images stay gray-scale (each batch is binarized afresh); the test images are
+    always binarized once, with a fixed seed, so evaluations repeat.
+    """
+    from .likelihoods import get_likelihood
+
+    data = load_dataset(config.data)
+    if config.data.dataset == "auto":
+        log.info("--dataset auto resolved to %s", data.name)
+    config.data.dataset = data.name
+    mode = config.data.binarize = config.binarize_mode()
+    config.model.x_dim = data.train_x.shape[1]
+    likelihood = get_likelihood(config.model.likelihood, binary_data=mode != "none")
+    if likelihood.name != config.model.likelihood:
+        log.warning("--likelihood %s --binarize none scores gray-scale pixels with %s, which "
+                    "is not normalized: the ELBO is then not a bound on a log-likelihood",
+                    config.model.likelihood, likelihood.name)
+    seed = config.data.binarize_seed
+    train_x = data.train_x.to(device)
+    test_x = data.test_x.to(device)
+    if mode == "static":
+        train_x = binarize(train_x, seed)
+    if mode != "none":
+        test_x = binarize(test_x, seed + 1)
+    if mode == "dynamic":
+        check_pixels(train_x, "training data")
+    else:
+        likelihood.check_support(train_x, "training data")
+    likelihood.check_support(test_x, "test data")
+    return data, train_x, test_x

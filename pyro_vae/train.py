@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
+from .data import prepare_splits
 from .errors import CheckpointError, ConfigError
 from .evaluate import elbo_terms
-from .likelihoods import get_likelihood
 from .model import VAE, build_vae
 from .rundir import Run, RunDir
 
@@ -66,39 +66,6 @@ def make_elbo(config: RunConfig):
         max_plate_nesting=1,
         **options,
     )
-
-
-def prepare_data(config: RunConfig, device: torch.device):
-    """Load, binarize and check the data of ``config``; resolve ``auto`` settings in place.
-
-    Returns ``(data, train_x, test_x)``: the :class:`~pyro_vae.data.Dataset` and the
-    training and test images on ``device`` as the likelihood will score them (training
-    images are gray-scale under dynamic binarization; each batch is binarized afresh).
-    """
-    data = data_mod.load_dataset(config.data)
-    if config.data.dataset == "auto":
-        log.info("--dataset auto resolved to %s", data.name)
-    config.data.dataset = data.name
-    mode = config.data.binarize = config.binarize_mode()
-    config.model.x_dim = data.train_x.shape[1]
-    likelihood = get_likelihood(config.model.likelihood, binary_data=mode != "none")
-    if likelihood.name != config.model.likelihood:
-        log.warning("--likelihood %s --binarize none scores gray-scale pixels with %s, which "
-                    "is not normalized: the ELBO is then not a bound on a log-likelihood",
-                    config.model.likelihood, likelihood.name)
-    seed = config.data.binarize_seed
-    train_x = data.train_x.to(device)
-    test_x = data.test_x.to(device)
-    if mode == "static":
-        train_x = data_mod.binarize(train_x, seed)
-    if mode != "none":
-        test_x = data_mod.binarize(test_x, seed + 1)
-    if mode == "dynamic":
-        data_mod.check_pixels(train_x, "training data")
-    else:
-        likelihood.check_support(train_x, "training data")
-    likelihood.check_support(test_x, "test data")
-    return data, train_x, test_x
 
 
 class _StopRequest:
@@ -192,7 +159,7 @@ def train(
         run_dir.claim(force=force)
 
     pyro.set_rng_seed(config.train.seed)
-    data, train_x, test_x = prepare_data(config, device)
+    data, train_x, test_x = prepare_splits(config, device)
     vae = build_vae(config).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.train.lr)
     history: list[dict] = []

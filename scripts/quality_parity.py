@@ -20,9 +20,8 @@ import pyro
 import torch
 
 from pyro_vae import RunConfig, train
-from pyro_vae.data import DeviceBatches
+from pyro_vae.data import DeviceBatches, prepare_splits
 from pyro_vae.reference import ReferenceVAE, reference_test_elbo, train_reference_epoch
-from pyro_vae.train import prepare_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _docs import machine_description, update_section  # noqa: E402
@@ -30,7 +29,7 @@ from _docs import machine_description, update_section  # noqa: E402
 
 def reference_run(config: RunConfig, seed: int) -> float:
     pyro.set_rng_seed(seed)
-    _, train_x, test_x = prepare_data(config, torch.device("cpu"))
+    _, train_x, test_x = prepare_splits(config, torch.device("cpu"))
     vae = ReferenceVAE()
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.train.lr)
     batches = DeviceBatches(train_x, config.train.batch_size, dynamic=True)

@@ -4,9 +4,8 @@ import pyro
 import torch
 
 from pyro_vae import RunConfig, train
-from pyro_vae.data import DeviceBatches
+from pyro_vae.data import DeviceBatches, prepare_splits
 from pyro_vae.reference import ReferenceVAE, reference_test_elbo, train_reference_epoch
-from pyro_vae.train import prepare_data
 
 EPOCHS = 10
 
@@ -20,7 +19,7 @@ def config(elbo: str) -> RunConfig:
 
 def reference_elbo() -> float:
     pyro.set_rng_seed(0)
-    _, train_x, test_x = prepare_data(config("trace"), torch.device("cpu"))
+    _, train_x, test_x = prepare_splits(config("trace"), torch.device("cpu"))
     vae = ReferenceVAE()
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     batches = DeviceBatches(train_x, 128, dynamic=True)

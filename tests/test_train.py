@@ -11,8 +11,8 @@ import torch
 
 from pyro_vae import RunConfig, elbo_terms, load_run, train
 from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.data import prepare_splits
 from pyro_vae.errors import RunDirError
-from pyro_vae.train import prepare_data
 
 
 def tiny_config(**train_settings) -> RunConfig:
@@ -56,7 +56,7 @@ def test_run_folder_rebuilds_model_and_data(tmp_path):
     assert saved["data"]["dataset"] == "mnist-sample" and saved["data"]["binarize"] == "dynamic"
     loaded = load_run(tmp_path / "run")
     assert loaded.metrics == run.metrics
-    _, _, test_x = prepare_data(loaded.config, torch.device("cpu"))
+    _, _, test_x = prepare_splits(loaded.config, torch.device("cpu"))
     again = elbo_terms(loaded.vae, test_x, seed=loaded.config.train.seed).mean()["elbo"]
     assert again == pytest.approx(run.metrics[-1]["test_elbo"], abs=1e-4)
 
