@@ -95,6 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     t.set_defaults(func=cmd_train)
 
+    e = sub.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood",
+                       description="ELBO with its terms and the importance-sampled log p(x) "
+                                   "of a run; writes RUN_DIR/eval.json.")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("--split", choices=("test", "train"), default="test")
+    e.add_argument("--iwae-samples", type=int, default=5000, metavar="K",
+                   help="importance samples per image (default: 5000, as Burda et al.)")
+    e.add_argument("--batch-size", type=int, default=100, help="images per batch (default: 100)")
+    e.add_argument("--device", choices=DEVICES, default="auto")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="write the figures of a run to RUN_DIR/figures/",
+                       description="Reconstructions, prior samples, training curves, latent "
+                                   "space (and the latent manifold when z is 2-D).")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("sample", help="draw images from the prior of a trained run")
+    s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    s.add_argument("-n", "--num-samples", type=int, default=64)
+    s.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    s.add_argument("--draws", action="store_true",
+                   help="show draws x ~ p(x | z) instead of the likelihood's mean")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
+
     ls = sub.add_parser("likelihoods", help="list the registered likelihoods")
     ls.set_defaults(func=cmd_likelihoods)
     return parser
@@ -144,7 +172,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
               f"test ELBO {last['test_elbo']:.2f} nats/image "
               f"(log-likelihood term {last['test_log_likelihood']:.2f}, KL {last['test_kl']:.2f})")
+    if run.path is not None:
+        figures = _figures(run, ("reconstructions", "samples"))
+        print("figures: " + ", ".join(str(f) for f in figures))
     print(f"run folder: {run.path}")
+    return 0
+
+
+def _figures(run, kinds=None) -> list[Path]:
+    from .data import prepare_splits
+    from .plots import run_figures, save_figures
+
+    data, _, test_x = prepare_splits(run.config, next(run.vae.parameters()).device)
+    figures = run_figures(run.vae, test_x, data.test_y, run.metrics, kinds)
+    return save_figures(figures, run.path / "figures")
+
+
+def _load(args):
+    from .rundir import load_run
+    from .train import resolve_device
+
+    return load_run(args.run_dir, device=resolve_device(args.device))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import evaluate_run
+
+    if args.iwae_samples < 1 or args.batch_size < 1:
+        raise ConfigError("--iwae-samples and --batch-size must be positive integers")
+    run = _load(args)
+    result = evaluate_run(run.vae, run.config, args.split, args.iwae_samples, args.batch_size,
+                          progress=not args.quiet and sys.stderr.isatty())
+    result["epoch"] = run.epoch
+    (run.path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    k = result["iwae_samples"]
+    rows = [("ELBO", result["elbo"], result["elbo_se"]),
+            ("  E_q log p(x|z)", result["log_likelihood_term"], result["log_likelihood_term_se"]),
+            ("  KL(q || p)", result["kl"], result["kl_se"]),
+            (f"log p(x), K={k}", result["log_px"], result["log_px_se"]),
+            ("log p(x) - ELBO", result["gap"], result["gap_se"])]
+    print(f"{run.path} (epoch {run.epoch}, {result['likelihood']}), {args.split} split, "
+          f"{result['num_images']} images, nats per image:")
+    for name, value, se in rows:
+        print(f"  {name:18s} {value:10.2f}  +- {se:.2f}")
+    if result["bits_per_dim"] is not None:
+        print(f"  {'bits/dim':18s} {result['bits_per_dim']:10.4f}")
+    if not result["normalized"]:
+        print("  note: this likelihood is not normalized; these are not log-likelihoods")
+    print(f"wrote {run.path / 'eval.json'} ({result['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    for path in _figures(_load(args)):
+        print(path)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .plots import image_grid, save_figures
+    from .rundir import load_run
+
+    if args.num_samples < 1:
+        raise ConfigError("-n must be a positive integer")
+    if args.out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file, got {args.out}")
+    run = load_run(args.run_dir)
+    torch = __import__("torch")
+    torch.manual_seed(args.seed)
+    d = run.vae.sample_prior(args.num_samples)
+    if args.draws:
+        try:
+            images, what = d.sample(), "draws x ~ p(x | z)"
+        except NotImplementedError as e:
+            raise ConfigError(f"{e}; drop --draws") from None
+    else:
+        images, what = d.mean, "mean of p(x | z)"
+    fig = image_grid(images, title=f"{args.num_samples} prior samples: {what}")
+    path = save_figures({args.out.stem: fig}, args.out.parent or Path("."))[0]
+    print(path)
     return 0
 
 

@@ -179,7 +179,7 @@ def load_mnist_sample() -> Dataset:
         members = rng.permutation(np.flatnonzero(y == digit))
         test[members[:50]] = True
     train_idx = rng.permutation(np.flatnonzero(~test))
-    test_idx = np.flatnonzero(test)
+    test_idx = rng.permutation(np.flatnonzero(test))
     to = torch.from_numpy
     return Dataset("mnist-sample", to(x[train_idx]), to(y[train_idx]),
                    to(x[test_idx]), to(y[test_idx]))
