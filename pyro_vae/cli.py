@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import BINARIZE_MODES, DEVICES, ELBOS, RunConfig
+from .config import BINARIZE_MODES, DEVICES, ELBOS, NAN_POLICIES, RunConfig
 from .data import DATASETS
-from .errors import ConfigError, PyroVAEError
+from .errors import ConfigError, PyroVAEError, TrainingDiverged
 from .likelihoods import available_likelihoods, get_likelihood
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--jit", action="store_true", default=None, help="compile the ELBO (Pyro JIT)")
     o.add_argument("--seed", type=int, help="default: 0")
     o.add_argument("--device", choices=DEVICES, help="default: auto (CUDA if available)")
+    o.add_argument("--nan-policy", choices=NAN_POLICIES,
+                   help="on a non-finite loss: stop (default, keeps the last good epoch) "
+                        "or skip the step and count it")
     t.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     t.set_defaults(func=cmd_train)
 
@@ -131,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FIELDS = {
     "data": ["dataset", "data_dir", "binarize", "train_limit", "test_limit", "download"],
     "model": ["likelihood", "z_dim", "hidden_dims", "activation"],
-    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "jit", "seed", "device"],
+    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "jit", "seed", "device",
+              "nan_policy"],
 }
 
 
@@ -284,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         return args.func(args)
+    except TrainingDiverged as e:
+        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except PyroVAEError as e:
         print(f"pyro-vae: error: {e}", file=sys.stderr)
         return EXIT_USAGE

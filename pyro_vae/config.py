@@ -15,6 +15,7 @@ from .errors import ConfigError
 BINARIZE_MODES = ("none", "dynamic", "static")
 ELBOS = ("trace", "meanfield")
 DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 1000  # images per batch when computing the test ELBO
+    nan_policy: str = "stop"  # stop: fail on a non-finite loss; skip: skip such steps
 
 
 @dataclass
@@ -96,6 +98,7 @@ class RunConfig:
             raise ConfigError(f"--lr must be positive, got {t.lr}")
         _choice("--elbo", t.elbo, ELBOS)
         _choice("--device", t.device, DEVICES)
+        _choice("--nan-policy", t.nan_policy, NAN_POLICIES)
         return self
 
     def binarize_mode(self) -> str:

@@ -101,7 +101,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def _find_file(folder: Path, stem: str) -> Path | None:
     for name in (stem, stem + ".gz"):
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return folder / name
     return None
 

@@ -24,3 +24,7 @@ class CheckpointError(PyroVAEError):
 
 class RunDirError(PyroVAEError):
     """An output folder that cannot be used (not writable, or holding another run)."""
+
+
+class TrainingDiverged(PyroVAEError):
+    """A non-finite loss or gradient; the run folder keeps its last finished epoch."""

@@ -196,3 +196,26 @@ def save_figures(figures: dict[str, Figure], folder: str | Path, dpi: int = 110)
         fig.savefig(path, dpi=dpi)
         paths.append(path)
     return paths
+
+
+def labelled_rows(rows: Sequence[tuple[str, object]], ncols: int = 10, title: str | None = None,
+                  image_shape=IMAGE_SHAPE) -> Figure:
+    """One row of images per ``(label, images)`` pair, the label on the left.
+
+    ``images`` may be ``None`` for a row that has none (drawn empty, label kept).
+    """
+    fig = Figure(figsize=(0.55 * ncols + 2.2, 0.62 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, (label, images) in zip(axes, rows):
+        if images is not None:
+            images = np.clip(np.asarray(images, dtype=np.float32)[:ncols], 0, 1)
+            ax.imshow(tile(images, ncols, image_shape), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -32,7 +32,7 @@ from . import data as data_mod
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .data import prepare_splits
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .evaluate import elbo_terms
 from .model import VAE, build_vae
 from .rundir import Run, RunDir
@@ -93,8 +93,13 @@ class _StopRequest:
                 signal.signal(s, handler)
 
 
-def _loss_fn(vae: VAE, config: RunConfig, num_data: int):
-    """``x -> differentiable loss``; under JIT the networks go into Pyro's param store."""
+def make_loss(vae: VAE, config: RunConfig, num_data: int):
+    """The training loss ``x -> differentiable loss`` and, under JIT, a param-store prefix.
+
+    Returns ``(loss_fn, prefix)``. With ``--jit`` Pyro's compiled ELBO needs the networks
+    in its global parameter store; they are registered under the unique ``prefix``, which
+    the caller removes when training ends (``prefix`` is ``None`` without JIT).
+    """
     elbo = make_elbo(config)
     if not config.train.jit:
         return lambda x: elbo.differentiable_loss(vae.model, vae.guide, x, num_data), None
@@ -175,7 +180,7 @@ def train(
     if run_dir is not None:
         run_dir.write_config(config)
 
-    loss_fn, jit_prefix = _loss_fn(vae, config, num_data=len(train_x))
+    loss_fn, jit_prefix = make_loss(vae, config, num_data=len(train_x))
     batches = data_mod.DeviceBatches(train_x, config.train.batch_size,
                                      dynamic=config.data.binarize == "dynamic")
     run = Run(run_dir.path if run_dir else None, config, vae, history)
@@ -209,50 +214,94 @@ def train(
 
 def _train_epoch(run, epoch, vae, optimizer, loss_fn, batches, test_x, partial, stop,
                  run_dir, show):
-    """One epoch; the metrics record, or None if stopped (after saving a partial state)."""
-    n = len(batches.x)
+    """One epoch; the metrics record, or None if stopped (after saving a partial state).
+
+    Non-finite losses or gradients: under ``nan_policy="stop"`` the first such step is
+    recorded on the device (no host sync per step) and :class:`TrainingDiverged` is raised
+    at the end of the epoch, before anything is written; under ``"skip"`` each step is
+    checked on the host and skipped (no parameter update), and the count is reported.
+    """
+    n, device = len(batches.x), batches.x.device
+    skip = run.config.train.nan_policy == "skip"
     if partial is not None:
-        perm, step = partial["perm"].to(batches.x.device), partial["step"]
-        loss_sum, seconds = partial["loss_sum"].to(batches.x.device), partial["seconds"]
+        perm, step, seconds = partial["perm"].to(device), partial["step"], partial["seconds"]
+        loss_sum, skipped = partial["loss_sum"].to(device), partial["skipped_steps"]
     else:
-        perm, step = batches.permutation(), 0
-        loss_sum, seconds = torch.zeros((), device=batches.x.device), 0.0
+        perm, step, seconds = batches.permutation(), 0, 0.0
+        loss_sum, skipped = torch.zeros((), device=device), 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
+    params = [p for p in vae.parameters() if p.requires_grad]
     vae.train()
     bar = tqdm(total=len(batches), initial=step, desc=f"epoch {epoch}/{run.config.train.epochs}",
                disable=not show, leave=False, unit="batch")
     start = time.perf_counter()
     for xb in batches.batches(perm, step):
-        loss = loss_fn(xb)  # scaled to the full data set: N / B * sum over the batch
+        try:
+            loss = loss_fn(xb)  # scaled to the full data set: N / B * sum over the batch
+        except ValueError as e:  # a distribution's validation met non-finite parameters
+            if "invalid values" not in str(e):
+                raise
+            bad = int(first_bad)
+            raise _diverged(epoch, bad if bad >= 0 else step, len(batches), run_dir) from None
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * (xb.shape[0] / n)  # sum over the batch of -ELBO
+        # a non-finite value anywhere in the loss or the gradients makes this non-finite
+        finite = torch.isfinite(loss.detach() + torch.stack(
+            torch._foreach_norm([p.grad for p in params if p.grad is not None])).sum())
+        if skip and not bool(finite):  # host sync, accepted only under --nan-policy skip
+            skipped += 1
+        else:
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+            optimizer.step()
+            loss_sum += loss.detach() * (xb.shape[0] / n)  # sum over the batch of -ELBO
         step += 1
         bar.update()
         if stop.signum is not None:
             break
     bar.close()
     seconds += time.perf_counter() - start
+    if (bad := int(first_bad)) >= 0:
+        raise _diverged(epoch, bad, len(batches), run_dir)
     if step < len(batches):
         if run_dir is not None:
             partial = {"step": step, "perm": perm.cpu(), "loss_sum": loss_sum.cpu(),
-                       "seconds": seconds}
+                       "seconds": seconds, "skipped_steps": skipped}
             save_checkpoint(run_dir.checkpoint,
                             _state(run.config, epoch - 1, vae, optimizer, partial))
             log.warning("stopped in epoch %d at step %d of %d; saved, continue with "
                         "pyro-vae train --resume %s", epoch, step, len(batches), run_dir.path)
         return None
+    if skipped:
+        log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or gradient",
+                    epoch, skipped, len(batches))
     test = elbo_terms(vae, test_x, run.config.train.eval_batch_size, seed=run.config.train.seed)
     means = test.mean()
+    trained_images = n - skipped * batches.batch_size  # approximate when the last batch skips
     return {
         "epoch": epoch,
-        "train_elbo": -loss_sum.item() / n,
+        "train_elbo": -loss_sum.item() / max(trained_images, 1),
         "test_elbo": means["elbo"],
         "test_log_likelihood": means["log_likelihood"],
         "test_kl": means["kl"],
         "seconds": seconds,
         "images_per_second": n / seconds,
+        "skipped_steps": skipped,
     }
+
+
+def _diverged(epoch: int, step: int, num_steps: int, run_dir) -> TrainingDiverged:
+    if run_dir is None:
+        kept = "nothing was written"
+    elif epoch == 1:
+        kept = f"nothing of this run is checkpointed yet in {run_dir.path}"
+    else:
+        kept = f"{run_dir.path} still holds epoch {epoch - 1}, untouched"
+    return TrainingDiverged(
+        f"non-finite loss or gradient in epoch {epoch} at step {step + 1} of {num_steps}; "
+        f"{kept}. Likely causes: a learning rate too high (lower --lr), data outside the "
+        "likelihood's support, or a collapsing learned scale; fix and --resume, or train "
+        "with --nan-policy skip"
+    )
 
 
 def _state(config, epoch, vae, optimizer, partial=None) -> dict:

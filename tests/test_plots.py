@@ -4,8 +4,18 @@ import torch
 from matplotlib.figure import Figure
 
 from pyro_vae import VAE
-from pyro_vae.plots import (image_grid, latent_manifold, latent_scatter, pca_2d, prior_samples,
-                            reconstructions, run_figures, save_figures, tile, training_curves)
+from pyro_vae.plots import (
+    image_grid,
+    latent_manifold,
+    latent_scatter,
+    pca_2d,
+    prior_samples,
+    reconstructions,
+    run_figures,
+    save_figures,
+    tile,
+    training_curves,
+)
 
 
 def test_tile_places_each_image_in_its_cell():
