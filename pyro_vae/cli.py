@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -285,7 +286,9 @@ def _log_to_stderr(level: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    # under torchrun only rank 0 reports progress; every rank still reports errors
+    quiet = getattr(args, "quiet", False) or int(os.environ.get("RANK", "0")) > 0
+    _log_to_stderr(logging.WARNING if quiet else logging.INFO)
     try:
         return args.func(args)
     except TrainingDiverged as e:

@@ -261,23 +261,38 @@ def binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
 class DeviceBatches:
     """Shuffled minibatches sliced from a tensor that lives on the training device.
 
-    With ``dynamic=True`` each batch is a fresh Bernoulli(x) draw (dynamic binarization).
-    An epoch's order is a permutation drawn from the global torch RNG on ``x.device``, so
-    seeding and saving the RNG state makes epochs reproducible and resumable.
+    With ``dynamic=True`` each batch is a fresh Bernoulli(x) draw (dynamic binarization,
+    from the global torch RNG). An epoch's order is a permutation seeded by ``seed`` and
+    the epoch number, as ``DistributedSampler.set_epoch`` does, so epochs are reproducible
+    and resumable and every rank of a data-parallel run draws the same one.
+
+    With ``world_size > 1`` the permutation is padded to a multiple of ``world_size`` (by
+    repeating its first indices) and rank ``r`` takes every ``world_size``-th index from
+    ``r`` on: the ranks' ``i``-th batches together form batch ``i`` of a single process
+    with batch size ``batch_size * world_size``, and every rank has as many batches.
     """
 
-    def __init__(self, x: torch.Tensor, batch_size: int, dynamic: bool = False):
+    def __init__(self, x: torch.Tensor, batch_size: int, dynamic: bool = False, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.x, self.batch_size, self.dynamic = x, batch_size, dynamic
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_local = -(-len(x) // world_size)  # images per rank and epoch (padded)
 
     def __len__(self) -> int:
-        return -(-len(self.x) // self.batch_size)
+        return -(-self.num_local // self.batch_size)
 
-    def permutation(self) -> torch.Tensor:
-        return torch.randperm(len(self.x), device=self.x.device)
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """This rank's order of image indices in ``epoch``, on the data's device."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.x), generator=generator)
+        if self.world_size > 1:
+            perm = torch.cat([perm, perm[: (-len(perm)) % self.world_size]])
+            perm = perm[self.rank :: self.world_size]
+        return perm.to(self.x.device)
 
     def batches(self, perm: torch.Tensor, start: int = 0):
         """Yield the batches of the epoch ordered by ``perm``, from batch ``start`` on."""
-        for i in range(start * self.batch_size, len(self.x), self.batch_size):
+        for i in range(start * self.batch_size, len(perm), self.batch_size):
             xb = self.x[perm[i : i + self.batch_size]]  # (B, D)
             yield torch.bernoulli(xb) if self.dynamic else xb
 

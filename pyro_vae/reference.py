@@ -42,12 +42,12 @@ class ReferenceVAE(nn.Module):
 
 
 def train_reference_epoch(vae: ReferenceVAE, optimizer: torch.optim.Optimizer,
-                          batches: DeviceBatches) -> tuple[float, float]:
+                          batches: DeviceBatches, epoch: int) -> tuple[float, float]:
     """One epoch; returns (train ELBO in nats per image, seconds)."""
     vae.train()
     total = torch.zeros((), device=batches.x.device)
     start = time.perf_counter()
-    for xb in batches.batches(batches.permutation()):
+    for xb in batches.batches(batches.permutation(epoch)):
         loss = vae.loss(xb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,6 +21,8 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
@@ -32,7 +34,8 @@ from . import data as data_mod
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .data import prepare_splits
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .distributed import Context, ELBOLoss, init_from_env
+from .errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
 from .evaluate import elbo_terms
 from .model import VAE, build_vae
 from .rundir import Run, RunDir
@@ -160,10 +163,44 @@ def train(
         config.train.epochs = epochs
     config.validate()
     device = resolve_device(config.train.device)
-    if run_dir is not None and resume is None:
-        run_dir.claim(force=force)
+    ctx = init_from_env(device)
+    try:
+        return _train(config, ctx, ctx.device(device), run_dir, state, resume is None, force,
+                      progress)
+    finally:
+        ctx.close()
 
-    pyro.set_rng_seed(config.train.seed)
+
+@dataclass
+class _Loop:
+    """What one epoch of training needs."""
+
+    run: Run
+    vae: VAE
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    batches: data_mod.DeviceBatches
+    test_x: torch.Tensor
+    stop: _StopRequest
+    writer: RunDir | None  # the run folder on the process that writes it (rank 0), else None
+    show: bool
+    ctx: Context
+
+
+def _train(config, ctx, device, run_dir, state, new_run, force, progress) -> Run:
+    if ctx.distributed and config.train.jit:
+        raise ConfigError("--jit is not supported with torchrun; drop --jit")
+    writer = run_dir if ctx.is_main else None
+    failure = None
+    if writer is not None and new_run:
+        try:
+            writer.claim(force=force)
+        except RunDirError as e:
+            failure = e
+    if ctx.any(failure is not None, device):
+        raise failure or RunDirError("rank 0 could not use the run folder; see its message")
+
+    pyro.set_rng_seed(config.train.seed + ctx.rank)  # independent noise per rank
     data, train_x, test_x = prepare_splits(config, device)
     vae = build_vae(config).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.train.lr)
@@ -174,33 +211,47 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_epoch, partial = state["epoch"], state.get("partial")
-        history = run_dir.truncate_metrics(start_epoch)
+        history = run_dir.truncate_metrics(start_epoch) if writer else []
+        if partial is not None and ctx.distributed:
+            log.warning("the checkpoint stopped inside epoch %d; with torchrun that epoch "
+                        "restarts from its first step", start_epoch + 1)
+            partial = None
         log.info("resuming %s after epoch %d%s", run_dir.path, start_epoch,
                  f" (step {partial['step']} of epoch {start_epoch + 1})" if partial else "")
-    if run_dir is not None:
-        run_dir.write_config(config)
+    if writer is not None:
+        writer.write_config(config)
 
-    loss_fn, jit_prefix = make_loss(vae, config, num_data=len(train_x))
+    num_data = len(train_x)
+    jit_prefix = None
+    if ctx.distributed:
+        loss_fn = ctx.wrap(ELBOLoss(vae, make_elbo(config), num_data), device)
+    else:
+        loss_fn, jit_prefix = make_loss(vae, config, num_data)
     batches = data_mod.DeviceBatches(train_x, config.train.batch_size,
-                                     dynamic=config.data.binarize == "dynamic")
+                                     dynamic=config.data.binarize == "dynamic",
+                                     seed=config.train.seed, rank=ctx.rank,
+                                     world_size=ctx.world_size)
     run = Run(run_dir.path if run_dir else None, config, vae, history)
-    show = progress if progress is not None else _stderr_is_terminal()
+    show = ctx.is_main and (progress if progress is not None else _stderr_is_terminal())
     try:
         with _StopRequest().installed() as stop:
+            loop = _Loop(run, vae, optimizer, loss_fn, batches, test_x[ctx.rank::ctx.world_size],
+                         stop, writer, show, ctx)
             for epoch in range(start_epoch + 1, config.train.epochs + 1):
-                record = _train_epoch(run, epoch, vae, optimizer, loss_fn, batches, test_x,
-                                      partial, stop, run_dir, show)
+                if ctx.distributed:  # noise per (rank, epoch): resumable on any world size
+                    torch.manual_seed(config.train.seed * 1_000_003 + epoch * 1009 + ctx.rank)
+                record = _train_epoch(loop, epoch, partial, len(data.test_x))
                 partial = None
                 if record is None:
                     run.interrupted = True
                     break
                 history.append(record)
-                if run_dir is not None:
-                    run_dir.append_metrics(record)
-                    save_checkpoint(run_dir.checkpoint, _state(config, epoch, vae, optimizer))
+                if writer is not None:
+                    writer.append_metrics(record)
+                    save_checkpoint(writer.checkpoint, _state(config, epoch, vae, optimizer))
                 log.info("epoch %d: train ELBO %.2f, test ELBO %.2f nats/image (%.1f s)",
                          epoch, record["train_elbo"], record["test_elbo"], record["seconds"])
-                if stop.signum is not None and epoch < config.train.epochs:
+                if ctx.any(stop.signum is not None, device) and epoch < config.train.epochs:
                     run.interrupted = True
                     break
     finally:
@@ -212,38 +263,41 @@ def train(
     return run
 
 
-def _train_epoch(run, epoch, vae, optimizer, loss_fn, batches, test_x, partial, stop,
-                 run_dir, show):
+def _train_epoch(loop: _Loop, epoch: int, partial: dict | None, num_test: int) -> dict | None:
     """One epoch; the metrics record, or None if stopped (after saving a partial state).
 
     Non-finite losses or gradients: under ``nan_policy="stop"`` the first such step is
     recorded on the device (no host sync per step) and :class:`TrainingDiverged` is raised
     at the end of the epoch, before anything is written; under ``"skip"`` each step is
     checked on the host and skipped (no parameter update), and the count is reported.
+    With torchrun, a stop request ends the run after the current epoch.
     """
-    n, device = len(batches.x), batches.x.device
+    run, batches, ctx = loop.run, loop.batches, loop.ctx
+    device = batches.x.device
+    num_data = len(batches.x)
     skip = run.config.train.nan_policy == "skip"
     if partial is not None:
         perm, step, seconds = partial["perm"].to(device), partial["step"], partial["seconds"]
         loss_sum, skipped = partial["loss_sum"].to(device), partial["skipped_steps"]
     else:
-        perm, step, seconds = batches.permutation(), 0, 0.0
+        perm, step, seconds = batches.permutation(epoch), 0, 0.0
         loss_sum, skipped = torch.zeros((), device=device), 0
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
-    params = [p for p in vae.parameters() if p.requires_grad]
-    vae.train()
+    params = [p for p in loop.vae.parameters() if p.requires_grad]
+    loop.vae.train()
     bar = tqdm(total=len(batches), initial=step, desc=f"epoch {epoch}/{run.config.train.epochs}",
-               disable=not show, leave=False, unit="batch")
+               disable=not loop.show, leave=False, unit="batch")
     start = time.perf_counter()
     for xb in batches.batches(perm, step):
         try:
-            loss = loss_fn(xb)  # scaled to the full data set: N / B * sum over the batch
+            loss = loop.loss_fn(xb)  # scaled to the full data set: N / B * sum over the batch
         except ValueError as e:  # a distribution's validation met non-finite parameters
             if "invalid values" not in str(e):
                 raise
             bad = int(first_bad)
-            raise _diverged(epoch, bad if bad >= 0 else step, len(batches), run_dir) from None
-        optimizer.zero_grad(set_to_none=True)
+            raise _diverged(epoch, bad if bad >= 0 else step, len(batches), loop.writer
+                            ) from None
+        loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # a non-finite value anywhere in the loss or the gradients makes this non-finite
         finite = torch.isfinite(loss.detach() + torch.stack(
@@ -252,40 +306,46 @@ def _train_epoch(run, epoch, vae, optimizer, loss_fn, batches, test_x, partial, 
             skipped += 1
         else:
             first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
-            optimizer.step()
-            loss_sum += loss.detach() * (xb.shape[0] / n)  # sum over the batch of -ELBO
+            loop.optimizer.step()
+            loss_sum += loss.detach() * (xb.shape[0] / num_data)  # sum over batch of -ELBO
         step += 1
         bar.update()
-        if stop.signum is not None:
+        if loop.stop.signum is not None and not ctx.distributed:
             break
     bar.close()
     seconds += time.perf_counter() - start
-    if (bad := int(first_bad)) >= 0:
-        raise _diverged(epoch, bad, len(batches), run_dir)
+    bad = int(first_bad)
+    if ctx.any(bad >= 0, device):
+        raise _diverged(epoch, max(bad, 0), len(batches), loop.writer)
     if step < len(batches):
-        if run_dir is not None:
+        if loop.writer is not None:
             partial = {"step": step, "perm": perm.cpu(), "loss_sum": loss_sum.cpu(),
                        "seconds": seconds, "skipped_steps": skipped}
-            save_checkpoint(run_dir.checkpoint,
-                            _state(run.config, epoch - 1, vae, optimizer, partial))
+            save_checkpoint(loop.writer.checkpoint,
+                            _state(run.config, epoch - 1, loop.vae, loop.optimizer, partial))
             log.warning("stopped in epoch %d at step %d of %d; saved, continue with "
-                        "pyro-vae train --resume %s", epoch, step, len(batches), run_dir.path)
+                        "pyro-vae train --resume %s", epoch, step, len(batches),
+                        loop.writer.path)
         return None
     if skipped:
         log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or gradient",
                     epoch, skipped, len(batches))
-    test = elbo_terms(vae, test_x, run.config.train.eval_batch_size, seed=run.config.train.seed)
-    means = test.mean()
-    trained_images = n - skipped * batches.batch_size  # approximate when the last batch skips
+    test = elbo_terms(loop.vae, loop.test_x, run.config.train.eval_batch_size,
+                      seed=run.config.train.seed)
+    # sums over this rank's images, then over ranks: one transfer per epoch
+    sums = ctx.sum(torch.stack([loss_sum, test.elbo.sum(), test.log_likelihood.sum(),
+                                test.kl.sum(), torch.tensor(float(skipped), device=device)]))
+    sums = sums.tolist()
+    trained = batches.num_local * ctx.world_size - sums[4] * batches.batch_size
     return {
         "epoch": epoch,
-        "train_elbo": -loss_sum.item() / max(trained_images, 1),
-        "test_elbo": means["elbo"],
-        "test_log_likelihood": means["log_likelihood"],
-        "test_kl": means["kl"],
+        "train_elbo": -sums[0] / max(trained, 1),  # exact unless a last, smaller batch skipped
+        "test_elbo": sums[1] / num_test,
+        "test_log_likelihood": sums[2] / num_test,
+        "test_kl": sums[3] / num_test,
         "seconds": seconds,
-        "images_per_second": n / seconds,
-        "skipped_steps": skipped,
+        "images_per_second": batches.num_local * ctx.world_size / seconds,
+        "skipped_steps": int(sums[4]),
     }
 
 

@@ -61,11 +61,13 @@ def pyro_contender(x, batch_size, elbo="trace", jit=False, particles=1, device=N
     loss_fn = make_loss(vae, config, len(x))[0]
     batches = DeviceBatches(x, batch_size, dynamic=True)
 
+    count = iter(range(1, 10**6))
+
     def epoch() -> float:
         total = torch.zeros((), device=device)
         sync(device)
         start = time.perf_counter()
-        for xb in batches.batches(batches.permutation()):
+        for xb in batches.batches(batches.permutation(next(count))):
             loss = loss_fn(xb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -84,9 +86,11 @@ def reference_contender(x, batch_size, device):
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     batches = DeviceBatches(x, batch_size, dynamic=True)
 
+    count = iter(range(1, 10**6))
+
     def epoch() -> float:
         sync(device)
-        return train_reference_epoch(vae, optimizer, batches)[1]
+        return train_reference_epoch(vae, optimizer, batches, next(count))[1]
 
     return Contender("plain PyTorch reference", batch_size, epoch, "reference")
 

@@ -68,11 +68,12 @@ Machine: {result['machine']}.
 
 | what | value |
 |---|---|
-| model | {result['network']}, {result['likelihood']}, trained by `make run` (10 epochs on mnist-sample) |
+| model | {result['network']}, {result['likelihood']}, from `make run` (10 epochs, mnist-sample) |
 | data | the real MNIST test set, {n:,} images, binarized once (seed 1) |
 | importance samples per image | {k:,} |
 | wall time | {seconds:.0f} s ({seconds / 60:.1f} min) |
-| throughput | {result['samples_per_second']:,.0f} samples/s; decoder arithmetic {result['decoder_gflop_per_second']:.0f} GFLOP/s |
+| throughput | {result['samples_per_second']:,.0f} samples/s; decoder matmuls \
+{result['decoder_gflop_per_second']:.0f} GFLOP/s |
 | test log p(x), K={k:,} | {result['log_px']:.2f} ± {result['log_px_se']:.2f} nats |
 | test ELBO | {result['elbo']:.2f} nats |
 """

@@ -33,8 +33,8 @@ def reference_run(config: RunConfig, seed: int) -> float:
     vae = ReferenceVAE()
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.train.lr)
     batches = DeviceBatches(train_x, config.train.batch_size, dynamic=True)
-    for _ in range(config.train.epochs):
-        train_reference_epoch(vae, optimizer, batches)
+    for epoch in range(1, config.train.epochs + 1):
+        train_reference_epoch(vae, optimizer, batches, epoch)
     return reference_test_elbo(vae, test_x, seed=seed)
 
 

@@ -125,9 +125,9 @@ def test_device_batches_visit_every_image_once_per_epoch():
     x = torch.arange(10.0).unsqueeze(1)  # (10, 1)
     batches = DeviceBatches(x, batch_size=4)
     assert len(batches) == 3
-    seen = torch.cat(list(batches.batches(batches.permutation())))
+    seen = torch.cat(list(batches.batches(batches.permutation(1))))
     assert sorted(seen.squeeze(1).tolist()) == list(range(10))
-    perm = batches.permutation()
+    perm = batches.permutation(2)
     tail = torch.cat(list(batches.batches(perm, start=1)))
     torch.testing.assert_close(tail.squeeze(1), x[perm[4:]].squeeze(1))
 
@@ -146,3 +146,16 @@ def test_gzip_detected_by_content_not_name(tmp_path, rng):
     raw = write_idx(tmp_path / "plain", array)
     (tmp_path / "zipped-no-suffix").write_bytes(gzip.compress(raw.read_bytes()))
     np.testing.assert_array_equal(read_idx(tmp_path / "zipped-no-suffix"), array)
+
+
+def test_ranks_split_each_global_batch_of_a_single_process():
+    x = torch.arange(23.0).unsqueeze(1)
+    single = DeviceBatches(x, batch_size=6, seed=3)
+    ranks = [DeviceBatches(x, batch_size=3, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # 12 images each after padding 23 -> 24
+    single_batches = list(single.batches(single.permutation(5)))
+    rank_batches = [list(b.batches(b.permutation(5))) for b in ranks]
+    for i in range(3):  # the complete global batches
+        together = torch.cat([rank_batches[0][i], rank_batches[1][i]]).squeeze(1)
+        assert sorted(together.tolist()) == sorted(single_batches[i].squeeze(1).tolist())
+    assert not torch.equal(single.permutation(1), single.permutation(2))  # reshuffled per epoch

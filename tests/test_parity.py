@@ -23,8 +23,8 @@ def reference_elbo() -> float:
     vae = ReferenceVAE()
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     batches = DeviceBatches(train_x, 128, dynamic=True)
-    for _ in range(EPOCHS):
-        train_reference_epoch(vae, optimizer, batches)
+    for epoch in range(1, EPOCHS + 1):
+        train_reference_epoch(vae, optimizer, batches, epoch)
     return reference_test_elbo(vae, test_x)
 
 
