@@ -127,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
 
+    g = sub.add_parser("diagnose", help="guide against NUTS, PSIS k-hat, inference gaps",
+                       description="Posterior diagnostics for a few test images; writes "
+                                   "RUN_DIR/diagnostics.json and RUN_DIR/figures/diagnostics_*.")
+    g.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    g.add_argument("--images", type=int, default=4, help="test images to diagnose (default: 4)")
+    g.add_argument("--num-samples", type=int, default=500, help="draws per chain (default: 500)")
+    g.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps (default: 500)")
+    g.add_argument("--chains", type=int, default=2, help="NUTS chains (default: 2)")
+    g.add_argument("--iwae-samples", type=int, default=5000, metavar="K")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_diagnose)
+
     ls = sub.add_parser("likelihoods", help="list the registered likelihoods")
     ls.set_defaults(func=cmd_likelihoods)
     return parser
@@ -258,6 +270,49 @@ def cmd_sample(args: argparse.Namespace) -> int:
     fig = image_grid(images, title=f"{args.num_samples} prior samples: {what}")
     path = save_figures({args.out.stem: fig}, args.out.parent or Path("."))[0]
     print(path)
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import prepare_splits
+    from .diagnostics import diagnose
+    from .plots import forest, inference_gap_bars, khat_per_image, posterior_pairs, save_figures
+    from .rundir import load_run
+
+    for name in ("images", "num_samples", "warmup", "chains", "iwae_samples"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.chains < 2:
+        print("pyro-vae: note: R-hat needs at least 2 chains; it is reported as NaN",
+              file=sys.stderr)
+    run = load_run(args.run_dir)
+    data, _, test_x = prepare_splits(run.config, torch_device := next(run.vae.parameters()).device)
+    x = test_x[: args.images].to(torch_device)
+    result = diagnose(run.vae, x, args.num_samples, args.warmup, args.chains,
+                      iwae_samples=args.iwae_samples, seed=args.seed,
+                      labels=data.test_y[: args.images].tolist())
+    (run.path / "diagnostics.json").write_text(json.dumps(
+        {"images": result.per_image, "settings": vars(args) | {"run_dir": str(args.run_dir)}},
+        indent=2, default=str) + "\n")
+    rows = result.per_image
+    figures = {
+        "diagnostics_pairs": posterior_pairs(result.guide_draws[0], result.nuts_draws[0]),
+        "diagnostics_forest": forest(result.guide_draws[0], result.nuts_draws[0]),
+        "diagnostics_khat": khat_per_image([r["k_hat"] for r in rows]),
+        "diagnostics_gaps": inference_gap_bars([r["approximation_gap"] for r in rows],
+                                               [r["amortization_gap"] for r in rows]),
+    }
+    paths = save_figures(figures, run.path / "figures")
+    print(f"{'image':>5} {'label':>5} {'R-hat':>6} {'ESS bulk':>8} {'div':>4} {'k-hat':>6} "
+          f"{'log p(x)':>9} {'approx gap':>10} {'amort gap':>9}")
+    for r in rows:
+        print(f"{r['image']:>5} {r['label']:>5} {r['rhat_max']:6.3f} {r['ess_bulk_min']:8.0f} "
+              f"{r['divergences']:>4} {r['k_hat']:6.2f} {r['log_px']:9.2f} "
+              f"{r['approximation_gap']:10.2f} {r['amortization_gap']:9.2f}")
+    print(f"wrote {run.path / 'diagnostics.json'} and {len(paths)} figures in "
+          f"{run.path / 'figures'}")
     return 0
 
 

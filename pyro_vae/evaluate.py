@@ -49,10 +49,14 @@ class LogWeights:
 
 
 @torch.no_grad()
-def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1) -> LogWeights:
-    """Trace the guide (``num_samples`` draws per image) and replay the model on them."""
+def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> LogWeights:
+    """Trace the guide (``num_samples`` draws per image) and replay the model on them.
+
+    ``guide`` defaults to the VAE's amortized guide; any guide ``guide(x)`` with a site
+    ``"z"`` inside the ``"data"`` plate works (e.g. a per-image optimized Gaussian).
+    """
     with pyro.plate("samples", num_samples, dim=-2):
-        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        guide_trace = poutine.trace(guide or vae.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()

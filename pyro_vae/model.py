@@ -84,11 +84,29 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """q(z | x) = N(loc(x), diag(scale(x))^2) for a batch ``x`` of shape ``(B, x_dim)``."""
+        loc, z_scale = self.encoder(x)  # (B, z_dim) each
+        self.gaussian_guide(x, loc, z_scale, num_data)
+
+    @staticmethod
+    def gaussian_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                       num_data: int | None = None) -> None:
+        """A diagonal Gaussian guide with given per-image ``loc`` and ``scale`` ``(B, z_dim)``.
+
+        The amortized guide passes the encoder's outputs; diagnostics pass per-image
+        parameters optimized on their own (the "optimal" Gaussian q* of Cremer et al.).
+        """
         batch = x.shape[0]
-        scale = 1.0 if num_data is None else num_data / batch
-        with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
-            loc, z_scale = self.encoder(x)  # (B, z_dim) each
-            pyro.sample("z", dist.Normal(loc, z_scale).to_event(1))
+        weight = 1.0 if num_data is None else num_data / batch
+        with poutine.scale(scale=weight), pyro.plate("data", batch, dim=-1):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    @staticmethod
+    def full_covariance_guide(x: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor
+                              ) -> None:
+        """A Gaussian with full covariance per image (``loc`` (B, z), ``scale_tril``
+        (B, z, z)): an importance-sampling proposal fitted to reference posterior draws."""
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
 
     # -- Deterministic helpers for evaluation and pictures ----------------------------
 

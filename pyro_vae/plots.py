@@ -204,7 +204,7 @@ def labelled_rows(rows: Sequence[tuple[str, object]], ncols: int = 10, title: st
 
     ``images`` may be ``None`` for a row that has none (drawn empty, label kept).
     """
-    fig = Figure(figsize=(0.55 * ncols + 2.2, 0.62 * len(rows) + 0.4), layout="constrained")
+    fig = Figure(figsize=(0.55 * ncols + 3.0, 0.62 * len(rows) + 0.4), layout="constrained")
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (label, images) in zip(axes, rows):
         if images is not None:
@@ -218,4 +218,75 @@ def labelled_rows(rows: Sequence[tuple[str, object]], ncols: int = 10, title: st
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# -- Posterior diagnostics -------------------------------------------------------------------
+
+
+def posterior_pairs(guide_draws, nuts_draws, pairs=((0, 1), (2, 3)), title: str | None = None
+                    ) -> Figure:
+    """Guide draws against NUTS draws for pairs of latent dimensions of one image.
+
+    ``guide_draws``: ``(draw, latent)``; ``nuts_draws``: ``(chain, draw, latent)``.
+    """
+    guide_draws = np.asarray(guide_draws)
+    nuts = np.asarray(nuts_draws).reshape(-1, guide_draws.shape[-1])
+    pairs = [p for p in pairs if max(p) < guide_draws.shape[-1]] or [(0, 0)]
+    fig = Figure(figsize=(4.2 * len(pairs), 4.0), layout="constrained")
+    for ax, (i, j) in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs):
+        ax.scatter(nuts[:, i], nuts[:, j], s=4, alpha=0.35, label="NUTS (reference)")
+        ax.scatter(guide_draws[:, i], guide_draws[:, j], s=4, alpha=0.35,
+                   label="guide q(z | x)")
+        ax.set_xlabel(f"z_{i + 1}")
+        ax.set_ylabel(f"z_{j + 1}")
+        ax.legend(markerscale=3, fontsize=8)
+    fig.suptitle(title or "Posterior draws: amortized guide against NUTS", fontsize=10)
+    return fig
+
+
+def forest(guide_draws, nuts_draws, prob: float = 0.94, ax: Axes | None = None) -> Figure:
+    """Per latent dimension: mean and central ``prob`` interval, guide against NUTS."""
+    guide_draws = np.asarray(guide_draws)
+    nuts = np.asarray(nuts_draws).reshape(-1, guide_draws.shape[-1])
+    d = guide_draws.shape[-1]
+    fig, ax = _axes(ax, (5.5, 0.28 * d + 1.2))
+    lo, hi = (1 - prob) / 2, 1 - (1 - prob) / 2
+    for offset, draws, name in [(-0.15, nuts, "NUTS"), (0.15, guide_draws, "guide")]:
+        y = np.arange(d) + offset
+        q = np.quantile(draws, [lo, hi], axis=0)
+        ax.hlines(y, q[0], q[1], color="C0" if name == "NUTS" else "C1", label=name)
+        ax.plot(draws.mean(0), y, "o", ms=3, color="C0" if name == "NUTS" else "C1")
+    ax.set_yticks(np.arange(d), [f"z_{i + 1}" for i in range(d)])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"value (mean and {100 * prob:.0f}% interval)")
+    ax.set_title("Forest plot of one image's posterior", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def khat_per_image(k_hat: Sequence[float], ax: Axes | None = None) -> Figure:
+    """Pareto k-hat of the guide's importance weights per image, with the usual thresholds."""
+    fig, ax = _axes(ax, (5.5, 3.2))
+    ax.bar(np.arange(len(k_hat)), k_hat, color="C2")
+    for level, text in [(0.5, "0.5 good"), (0.7, "0.7 unreliable")]:
+        ax.axhline(level, ls="--", lw=1, color="gray")
+        ax.text(len(k_hat) - 0.5, level, text, ha="right", va="bottom", fontsize=8)
+    ax.set_xlabel("image")
+    ax.set_ylabel("Pareto k-hat")
+    ax.set_title("How well q(z | x) serves as an importance proposal", fontsize=10)
+    return fig
+
+
+def inference_gap_bars(approximation, amortization, ax: Axes | None = None) -> Figure:
+    """Stacked per-image bars: approximation gap and amortization gap (nats)."""
+    fig, ax = _axes(ax, (5.5, 3.2))
+    idx = np.arange(len(approximation))
+    ax.bar(idx, approximation, label="approximation gap: log p(x) - ELBO(q*)")
+    ax.bar(idx, amortization, bottom=np.maximum(approximation, 0),
+           label="amortization gap: ELBO(q*) - ELBO(q)")
+    ax.set_xlabel("image")
+    ax.set_ylabel("nats")
+    ax.set_title("log p(x) - ELBO, decomposed (Cremer et al. 2018)", fontsize=10)
+    ax.legend(fontsize=8)
     return fig

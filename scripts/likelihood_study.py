@@ -60,49 +60,17 @@ def run_variant(args, key, likelihood, binarize):
     return train(config, path, force=True, progress=False)
 
 
-@torch.no_grad()
 def study(args):
     results, recon_rows, sample_rows = [], [], []
     for key, likelihood, binarize, label in VARIANTS:
         print(f"{label}: training", file=sys.stderr, flush=True)
         run = run_variant(args, key, likelihood, binarize)
-        vae, config = run.vae, run.config
-        data, train_x, test_x = prepare_splits(config, torch.device("cpu"))
-        ev = evaluate_run(vae, config, "test", args.iwae_samples, progress=False)
-        lik = vae.likelihood
-        jacobian = BETA_LOG_JACOBIAN if lik.name == "beta" else 0.0
-        missing = missing_log_normalizer(vae, test_x)
-        train_z = vae.encode(train_x[: args.knn_train]).loc
-        knn = knn_accuracy(train_z, data.train_y[: args.knn_train], vae.encode(test_x).loc,
-                           data.test_y)
-        row = {
-            "key": key, "label": label, "likelihood": lik.name, "binarize": binarize,
-            "normalized": lik.normalized, "scores": "binary pixels" if lik.binary else
-            "gray-scale pixels", "test_elbo": ev["elbo"] + jacobian, "test_elbo_se": ev["elbo_se"],
-            "log_px": ev["log_px"] + jacobian if lik.normalized else None,
-            "log_px_se": ev["log_px_se"] if lik.normalized else None,
-            "missing_log_normalizer": None if missing is None else missing.mean().item(),
-            "knn_accuracy": knn, "epochs": run.epoch,
-            "final_train_elbo": run.metrics[-1]["train_elbo"] + jacobian,
-        }
-        if missing is not None:
-            row["elbo_plus_missing"] = row["test_elbo"] + row["missing_log_normalizer"]
+        with torch.no_grad():
+            row, recon, samples = measure(args, run, key, binarize, label)
         results.append(row)
+        recon_rows.extend(recon if recon_rows else [("input (gray-scale)", samples[0])] + recon)
+        sample_rows.extend(samples[1:])
         print(json.dumps(row), file=sys.stderr, flush=True)
-
-        shown = test_x[:10]
-        if not recon_rows:
-            recon_rows.append(("input (gray-scale)", data.test_x[:10]))
-        if binarize != "none":
-            recon_rows.append(("input (binarized)", shown))
-        recon_rows.append((label, vae.reconstruct(shown)))
-        torch.manual_seed(args.seed)
-        d = vae.sample_prior(10)
-        sample_rows.append((f"{label}: mean", d.mean))
-        try:
-            sample_rows.append((f"{label}: draws", d.sample()))
-        except NotImplementedError:
-            sample_rows.append((f"{label}: no draws", None))
     figures = {
         f"likelihoods_reconstructions_{args.dataset}": labelled_rows(
             recon_rows, title="Reconstructions: mean of p(x | z = E_q[z]) per likelihood"),
@@ -111,6 +79,42 @@ def study(args):
     }
     paths = save_figures(figures, args.figures, dpi=90)
     return results, paths
+
+
+def measure(args, run, key, binarize, label):
+    """Numbers and picture rows of one trained variant."""
+    vae, config = run.vae, run.config
+    data, train_x, test_x = prepare_splits(config, torch.device("cpu"))
+    ev = evaluate_run(vae, config, "test", args.iwae_samples, progress=False)
+    lik = vae.likelihood
+    jacobian = BETA_LOG_JACOBIAN if lik.name == "beta" else 0.0
+    missing = missing_log_normalizer(vae, test_x)
+    train_z = vae.encode(train_x[: args.knn_train]).loc
+    knn = knn_accuracy(train_z, data.train_y[: args.knn_train], vae.encode(test_x).loc,
+                       data.test_y)
+    row = {
+        "key": key, "label": label, "likelihood": lik.name, "binarize": binarize,
+        "normalized": lik.normalized, "scores": "binary pixels" if lik.binary else
+        "gray-scale pixels", "test_elbo": ev["elbo"] + jacobian, "test_elbo_se": ev["elbo_se"],
+        "log_px": ev["log_px"] + jacobian if lik.normalized else None,
+        "log_px_se": ev["log_px_se"] if lik.normalized else None,
+        "missing_log_normalizer": None if missing is None else missing.mean().item(),
+        "knn_accuracy": knn, "epochs": run.epoch,
+        "final_train_elbo": run.metrics[-1]["train_elbo"] + jacobian,
+    }
+    if missing is not None:
+        row["elbo_plus_missing"] = row["test_elbo"] + row["missing_log_normalizer"]
+    shown = test_x[:10]
+    recon = [("input (binarized)", shown)] if binarize != "none" else []
+    recon.append((label, vae.reconstruct(shown)))
+    torch.manual_seed(args.seed)
+    d = vae.sample_prior(10)
+    samples = [data.test_x[:10], (f"{label}: mean", d.mean)]
+    try:
+        samples.append((f"{label}: draws", d.sample()))
+    except NotImplementedError:
+        samples.append((f"{label}: no draws", None))
+    return row, recon, samples
 
 
 def table(results, k) -> str:

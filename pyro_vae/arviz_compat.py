@@ -1,0 +1,74 @@
+"""The one place that knows which ArviZ is installed.
+
+pip gives arviz 0.23.x on Python 3.11 (``from_dict(posterior=...)`` returns an
+``InferenceData``) and arviz 1.x on Python 3.12+ (``from_dict`` takes one nested dict and
+returns an ``xarray.DataTree``; statistics come from arviz-stats). Everything pyro-vae
+does with ArviZ goes through these functions, so both work.
+
+This module imports numpy and arviz only (not torch), so it can be tested in a light
+environment; arrays follow ArviZ's convention: first dimension chain, second draw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import arviz as az
+except ImportError:  # pragma: no cover - arviz is a dependency; the message says what to do
+    az = None
+
+__all__ = ["ARVIZ_MAJOR", "ess", "rhat", "summary", "to_arviz"]
+
+ARVIZ_MAJOR = int(az.__version__.split(".")[0]) if az is not None else 0
+
+
+def _require():
+    if az is None:
+        raise ImportError("ArviZ is not installed; pip install arviz")
+
+
+def to_arviz(posterior: dict[str, np.ndarray], sample_stats: dict[str, np.ndarray] | None = None,
+             dims: dict[str, list[str]] | None = None, coords: dict | None = None):
+    """ArviZ data from ``{name: array (chain, draw, ...)}``.
+
+    Returns an ``InferenceData`` (arviz 0.x) or a ``DataTree`` (arviz 1.x), each with a
+    ``posterior`` group (and ``sample_stats`` if given).
+    """
+    _require()
+    if ARVIZ_MAJOR >= 1:
+        groups = {"posterior": posterior}
+        if sample_stats is not None:
+            groups["sample_stats"] = sample_stats
+        return az.from_dict(groups, dims=dims, coords=coords)
+    return az.from_dict(posterior=posterior, sample_stats=sample_stats, dims=dims, coords=coords)
+
+
+def _per_component(fn, samples: np.ndarray) -> np.ndarray:
+    samples = np.asarray(samples, dtype=float)
+    if samples.ndim < 2:
+        raise ValueError(f"expected (chain, draw, ...) samples, got shape {samples.shape}")
+    if ARVIZ_MAJOR >= 1:
+        return np.asarray(fn(samples), dtype=float)
+    dataset = az.convert_to_dataset(samples)  # one variable named "x"
+    return np.asarray(fn(dataset)["x"].values, dtype=float)
+
+
+def rhat(samples: np.ndarray) -> np.ndarray:
+    """Rank-normalized split R-hat of ``(chain, draw, *shape)`` draws; shape ``shape``."""
+    _require()
+    return _per_component(az.rhat, samples)
+
+
+def ess(samples: np.ndarray, method: str = "bulk") -> np.ndarray:
+    """Bulk or tail effective sample size of ``(chain, draw, *shape)`` draws."""
+    _require()
+    return _per_component(lambda d: az.ess(d, method=method), samples)
+
+
+def summary(data, ci_prob: float = 0.94):
+    """``az.summary`` with the same interval on both versions (0.x: HDI, 1.x: ETI)."""
+    _require()
+    if ARVIZ_MAJOR >= 1:
+        return az.summary(data, ci_prob=ci_prob)
+    return az.summary(data, hdi_prob=ci_prob)

@@ -1,0 +1,133 @@
+"""Diagnostics against closed forms: a linear-Gaussian decoder has a Gaussian posterior."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae import VAE
+from pyro_vae.arviz_compat import ARVIZ_MAJOR, ess, rhat, summary, to_arviz
+from pyro_vae.diagnostics import diagnose, inference_gaps, nuts_posterior, pareto_khat
+
+D, Z, S = 6, 2, 0.5
+
+
+def linear_vae(orthogonal: bool, seed=0, loc_noise=0.1, scale_factor=1.4, correlated=False):
+    """x = W z + b + s eps, with an encoder deliberately off the exact posterior."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, Z, generator=g, dtype=torch.float64)
+    if correlated:  # nearly parallel columns: a strongly correlated exact posterior
+        W[:, 1] = 0.9 * W[:, 0] + 0.3 * W[:, 1]
+    if orthogonal:  # orthogonal columns of different lengths: a diagonal exact posterior
+        q, _ = torch.linalg.qr(W)
+        W = q * torch.tensor([2.0, 1.0], dtype=torch.float64)
+    b = torch.randn(D, generator=g, dtype=torch.float64)
+    vae = VAE("normal-fixed", x_dim=D, z_dim=Z, hidden_dims=(), likelihood_options={"scale": S})
+    vae = vae.double()
+    M = W.T @ W + S**2 * torch.eye(Z, dtype=torch.float64)
+    A = torch.linalg.solve(M, W.T)
+    sd = (S**2 * torch.linalg.inv(M)).diagonal().sqrt()
+    with torch.no_grad():
+        vae.decoder.head.weight.copy_(W)
+        vae.decoder.head.bias.copy_(b)
+        vae.encoder.head.weight.zero_()
+        vae.encoder.head.weight[:Z] = A + loc_noise * torch.randn(Z, D, generator=g,
+                                                                  dtype=torch.float64)
+        vae.encoder.head.bias[:Z] = -(A @ b)
+        vae.encoder.head.bias[Z:] = torch.log(torch.expm1(sd * scale_factor))
+    z = torch.randn(4, Z, generator=g, dtype=torch.float64)
+    x = z @ W.T + b + S * torch.randn(4, D, generator=g, dtype=torch.float64)
+    post_cov = S**2 * torch.linalg.inv(M)
+    post_mean = (A @ (x - b).T).T
+    exact = torch.distributions.MultivariateNormal(b, W @ W.T + S**2 * torch.eye(D,
+                                                   dtype=torch.float64)).log_prob(x)
+    return vae, x, post_mean, post_cov, exact
+
+
+def test_nuts_draws_match_the_analytic_posterior():
+    vae, x, mean, cov, _ = linear_vae(orthogonal=False)
+    draws, diverging = nuts_posterior(vae, x[0], num_samples=600, num_warmup=300, num_chains=2)
+    flat = draws.reshape(-1, Z)
+    sd = cov.diagonal().sqrt().numpy()
+    # Monte-Carlo standard error of the mean is sd / sqrt(ESS); ESS > 300 here
+    assert np.all(np.abs(flat.mean(0) - mean[0].numpy()) < 4 * sd / math.sqrt(300))
+    assert np.allclose(flat.std(0), sd, rtol=0.15)
+    assert np.corrcoef(flat.T)[0, 1] == pytest.approx(
+        (cov[0, 1] / (sd[0] * sd[1])).item(), abs=0.1)
+    assert diverging.sum() == 0 and rhat(draws).max() < 1.05
+
+
+def test_approximation_gap_vanishes_when_the_posterior_is_in_the_guide_family():
+    vae, x, _, _, exact = linear_vae(orthogonal=True)
+    gaps = inference_gaps(vae, x, num_samples=4000, iwae_samples=4000, steps=400)
+    # q* finds the exact diagonal posterior: ELBO(q*) = log p(x); MC error ~0.01 nats
+    assert gaps["approximation_gap"].abs().max() < 0.05
+    assert (gaps["log_px"] - exact).abs().max() < 0.02
+    # the deliberately misplaced encoder leaves a clear amortization gap
+    assert gaps["amortization_gap"].min() > 0.05
+
+
+def test_both_gaps_are_non_negative_within_monte_carlo_error():
+    vae, x, _, _, _ = linear_vae(orthogonal=False)
+    gaps = inference_gaps(vae, x, num_samples=4000, iwae_samples=4000, steps=400)
+    tolerance = 4 * gaps["elbo_se"]
+    assert (gaps["approximation_gap"] > -tolerance).all()
+    assert (gaps["amortization_gap"] > -tolerance).all()
+
+def test_approximation_gap_matches_the_mean_field_kl_in_closed_form():
+    # For a Gaussian posterior with precision L, the best diagonal Gaussian (reverse KL)
+    # has variances 1 / L_ii and KL(q* || p) = (sum log L_ii - log det L) / 2.
+    vae, x, mean, cov, exact = linear_vae(orthogonal=False, correlated=True)
+    precision = torch.linalg.inv(cov)
+    expected = 0.5 * (precision.diagonal().log().sum() - torch.logdet(precision))
+    # reference posterior draws (what NUTS provides in diagnose), here drawn exactly
+    draws = torch.distributions.MultivariateNormal(mean, cov).sample((2000,)).transpose(0, 1)
+    gaps = inference_gaps(vae, x, num_samples=4000, iwae_samples=4000, steps=600,
+                          posterior_draws=draws.numpy())
+    assert (gaps["log_px"] - exact).abs().max() < 0.02
+    assert expected > 0.3
+    # tolerance: Monte-Carlo error of the ELBOs (~0.01) plus q*'s residual (~0.02)
+    assert (gaps["approximation_gap"] - expected).abs().max() < 0.06
+
+
+def test_pareto_khat_agrees_with_arviz_psis():
+    import arviz as az
+
+    rng = np.random.default_rng(0)
+    estimates = []
+    for shape in (0.2, 0.6, 1.0):
+        log_w = np.log(rng.pareto(1 / shape, size=2000) + 1)  # tail index k = shape
+        estimates.append(pareto_khat(log_w))
+        if ARVIZ_MAJOR < 1:
+            _, k = az.psislw(log_w.copy())
+            assert estimates[-1] == pytest.approx(float(k), abs=1e-6)
+    # the regularized estimate (prior towards 0.5) orders the tails and flags k > 0.5
+    assert estimates[0] < 0.4 and estimates[1] > 0.5 and estimates[2] > 0.5
+
+
+def test_diagnose_returns_arviz_data_with_named_dimensions():
+    vae, x, _, _, _ = linear_vae(orthogonal=False)
+    result = diagnose(vae, x[:2], num_samples=100, num_warmup=100, num_chains=2,
+                      gap_samples=500, iwae_samples=500, gap_steps=100)
+    assert result.nuts_draws.shape == (2, 2, 100, Z)
+    posterior = result.nuts["posterior"]
+    assert dict(posterior["z"].sizes) == {"chain": 2, "draw": 100, "image": 2, "latent": Z}
+    assert dict(result.guide["posterior"]["z"].sizes) == {"chain": 1, "draw": 100, "image": 2,
+                                                          "latent": Z}
+    row = result.per_image[0]
+    for key in ("rhat_max", "ess_bulk_min", "ess_tail_min", "divergences", "k_hat", "log_px",
+                "approximation_gap", "amortization_gap"):
+        assert key in row
+    assert "z[0, 0]" in summary(result.nuts).index[0] or len(summary(result.nuts)) == 2 * Z
+
+
+def test_arviz_adapter_statistics_on_plain_arrays():
+    rng = np.random.default_rng(1)
+    good = rng.normal(size=(4, 500, 3))
+    assert rhat(good).shape == (3,) and np.all(rhat(good) < 1.02)
+    assert np.all(ess(good, "bulk") > 1000) and ess(good, "tail").shape == (3,)
+    stuck = good + np.arange(4)[:, None, None]  # chains in different places
+    assert np.all(rhat(stuck) > 1.5)
+    data = to_arviz({"z": good}, dims={"z": ["latent"]})
+    assert dict(data["posterior"]["z"].sizes) == {"chain": 4, "draw": 500, "latent": 3}
