@@ -17,11 +17,19 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/pyro-vae train --out $(RUN) --epochs $(EPOCHS) --force
 
-test: $(BIN)/.installed
+# A light Python 3.12 environment with arviz 1.x (and numpy) for the ArviZ adapter test;
+# skipped (and that test with it) where no python3.12 exists.
+.venv312/.installed:
+	@if PYENV_VERSION=3.12.1 python3.12 --version >/dev/null 2>&1; then \
+		PYENV_VERSION=3.12.1 python3.12 -m venv .venv312 && \
+		.venv312/bin/python -m pip install --quiet 'arviz>=1' numpy && touch $@; \
+	else echo "no python3.12 here: the arviz 1.x adapter test will skip"; fi
+
+test: $(BIN)/.installed .venv312/.installed
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check pyro_vae tests scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv312 runs .pytest_cache

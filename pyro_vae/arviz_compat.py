@@ -63,6 +63,8 @@ def rhat(samples: np.ndarray) -> np.ndarray:
 def ess(samples: np.ndarray, method: str = "bulk") -> np.ndarray:
     """Bulk or tail effective sample size of ``(chain, draw, *shape)`` draws."""
     _require()
+    if method == "tail" and ARVIZ_MAJOR >= 1:  # 1.x needs the tail quantiles on arrays
+        return _per_component(lambda d: az.ess(d, method="tail", prob=(0.05, 0.95)), samples)
     return _per_component(lambda d: az.ess(d, method=method), samples)
 
 

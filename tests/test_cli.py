@@ -124,3 +124,19 @@ def test_run_commands_reject_bad_input_with_exit_2(tmp_path, capsys, argv, messa
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_diagnose_writes_json_and_figures(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", str(out), "--images", "2", "--num-samples", "60", "--warmup",
+                 "60", "--chains", "2", "--iwae-samples", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert "approx gap" in printed
+    rows = json.loads((out / "diagnostics.json").read_text())["images"]
+    assert len(rows) == 2 and {"rhat_max", "k_hat", "amortization_gap"} <= set(rows[0])
+    names = {p.name for p in (out / "figures").iterdir()}
+    assert {"diagnostics_pairs.png", "diagnostics_forest.png", "diagnostics_khat.png",
+            "diagnostics_gaps.png"} <= names
+    assert main(["diagnose", str(out), "--chains", "0"]) == 2

@@ -1,6 +1,9 @@
 """Diagnostics against closed forms: a linear-Gaussian decoder has a Gaussian posterior."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +134,22 @@ def test_arviz_adapter_statistics_on_plain_arrays():
     assert np.all(rhat(stuck) > 1.5)
     data = to_arviz({"z": good}, dims={"z": ["latent"]})
     assert dict(data["posterior"]["z"].sizes) == {"chain": 4, "draw": 500, "latent": 3}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "tests" / "helpers" / "arviz_adapter_check.py"
+
+
+def test_arviz_adapter_works_with_the_installed_arviz():
+    result = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"major {ARVIZ_MAJOR}" in result.stdout
+
+
+def test_arviz_adapter_works_with_arviz_1_on_python_3_12():
+    python = ROOT / ".venv312" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv312 (make test creates it where python3.12 exists)")
+    result = subprocess.run([str(python), str(CHECK)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "(major 1)" in result.stdout and "Python 3.12" in result.stdout
