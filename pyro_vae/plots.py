@@ -204,7 +204,7 @@ def labelled_rows(rows: Sequence[tuple[str, object]], ncols: int = 10, title: st
 
     ``images`` may be ``None`` for a row that has none (drawn empty, label kept).
     """
-    fig = Figure(figsize=(0.55 * ncols + 3.0, 0.62 * len(rows) + 0.4), layout="constrained")
+    fig = Figure(figsize=(0.55 * ncols + 3.4, 0.62 * len(rows) + 0.4), layout="constrained")
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (label, images) in zip(axes, rows):
         if images is not None:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _docs import machine_description, update_section  # noqa: E402
 
 VARIANTS = [  # key, likelihood, binarize, label
-    ("bernoulli-gray", "bernoulli", "none", "Bernoulli on gray-scale (relaxed)"),
+    ("bernoulli-gray", "bernoulli", "none", "Bernoulli, gray (relaxed)"),
     ("bernoulli-binarized", "bernoulli", "dynamic", "Bernoulli, binarized pixels"),
     ("continuous-bernoulli", "continuous-bernoulli", "none", "continuous Bernoulli"),
     ("normal", "normal", "none", "Normal, learned scale"),
@@ -54,7 +54,7 @@ def run_variant(args, key, likelihood, binarize):
         return load_run(path)
     config = RunConfig()
     config.data.dataset, config.data.data_dir = args.dataset, args.data_dir
-    config.data.test_limit = args.test_limit
+    config.data.test_limit, config.data.train_limit = args.test_limit, args.train_limit
     config.model.likelihood, config.data.binarize = likelihood, binarize
     config.train.epochs, config.train.seed = args.epochs, args.seed
     return train(config, path, force=True, progress=False)
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--iwae-samples", type=int, default=1000)
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images")
+    parser.add_argument("--train-limit", type=int, help="train on the first N images (tests)")
     parser.add_argument("--knn-train", type=int, default=10000,
                         help="training images used as neighbours for the kNN accuracy")
     parser.add_argument("--seed", type=int, default=0)
