@@ -88,6 +88,8 @@ class Likelihood:
                 f"likelihood '{self.name}' has no option {', '.join(unknown)}; "
                 f"its options are: {hint}"
             )
+        if not options:
+            return
         try:  # build once on dummy parameters so that bad values fail before training
             self.build(*[torch.zeros(1)] * self.num_params, **options)
         except (TypeError, ValueError) as e:

@@ -159,3 +159,16 @@ def test_user_registered_likelihood_is_usable_by_name():
     assert d.batch_shape == (4, 10)
     torch.testing.assert_close(d.log_prob(torch.zeros(4, 10)),
                                torch.full((4, 10), -math.log(2 * (math.log(2) + 1e-3))))
+
+
+def test_a_likelihood_without_options_is_not_probed_with_dummy_inputs():
+    @register_likelihood("test-shape-strict", overwrite=True)
+    def strict(logits):
+        if logits.shape[-1] != 16:
+            raise ValueError("expects 16 pixels")
+        return dist.ContinuousBernoulli(logits=logits)
+
+    from pyro_vae import VAE
+
+    vae = VAE("test-shape-strict", x_dim=16, z_dim=2, hidden_dims=(8,))
+    assert vae.decode(torch.zeros(3, 2)).batch_shape == (3, 16)
