@@ -256,8 +256,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("-n must be a positive integer")
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
+    import torch
+
     run = load_run(args.run_dir)
-    torch = __import__("torch")
     torch.manual_seed(args.seed)
     d = run.vae.sample_prior(args.num_samples)
     if args.draws:
@@ -288,8 +289,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print("pyro-vae: note: R-hat needs at least 2 chains; it is reported as NaN",
               file=sys.stderr)
     run = load_run(args.run_dir)
-    data, _, test_x = prepare_splits(run.config, torch_device := next(run.vae.parameters()).device)
-    x = test_x[: args.images].to(torch_device)
+    device = next(run.vae.parameters()).device
+    data, _, test_x = prepare_splits(run.config, device)
+    x = test_x[: args.images]
     result = diagnose(run.vae, x, args.num_samples, args.warmup, args.chains,
                       iwae_samples=args.iwae_samples, seed=args.seed,
                       labels=data.test_y[: args.images].tolist())
