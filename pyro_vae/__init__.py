@@ -5,23 +5,29 @@ __version__ = "0.1.0"
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .errors import (
-                     CheckpointError,
-                     ConfigError,
-                     DataError,
-                     PyroVAEError,
-                     RunDirError,
-                     TrainingDiverged,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    PyroVAEError,
+    RunDirError,
+    TrainingDiverged,
 )
-from .evaluate import elbo_terms, log_weights
+from .estimators import elbo_terms, importance_log_likelihood, log_weights
+from .evaluate import evaluate_run
 from .likelihoods import Likelihood, available_likelihoods, get_likelihood, register_likelihood
-from .model import VAE, build_vae
-from .rundir import Run, load_run
-from .train import train
+from .model import VAE
+from .objective import Objective, SyncFreeTrace_ELBO, SyncFreeTraceMeanField_ELBO, make_elbo
+from .runner.resolve import build_vae
+from .runner.rundir import Run, load_run
+from .runner.train import train
+from .runner.trainer import Trainer
 
 __all__ = [
     "VAE", "Run", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "Dataset",
-    "Likelihood", "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "RunDirError",
+    "Likelihood", "Objective", "Trainer", "SyncFreeTrace_ELBO", "SyncFreeTraceMeanField_ELBO",
+    "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "RunDirError",
     "TrainingDiverged",
-    "available_likelihoods", "build_vae", "elbo_terms", "get_likelihood", "load_dataset",
-    "load_run", "log_weights", "register_likelihood", "train",
+    "available_likelihoods", "build_vae", "elbo_terms", "evaluate_run", "get_likelihood",
+    "importance_log_likelihood", "load_dataset", "load_run", "log_weights", "make_elbo",
+    "register_likelihood", "train",
 ]

@@ -11,21 +11,33 @@ environment; arrays follow ArviZ's convention: first dimension chain, second dra
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.metadata
+
 import numpy as np
 
-try:
-    import arviz as az
-except ImportError:  # pragma: no cover - arviz is a dependency; the message says what to do
-    az = None
+__all__ = ["ARVIZ_MAJOR", "ess", "pareto_khat", "rhat", "summary", "to_arviz"]
 
-__all__ = ["ARVIZ_MAJOR", "ess", "rhat", "summary", "to_arviz"]
-
-ARVIZ_MAJOR = int(az.__version__.split(".")[0]) if az is not None else 0
+try:  # the version without the import, which costs over a second
+    ARVIZ_MAJOR = int(importlib.metadata.version("arviz").split(".")[0])
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - arviz is a dependency
+    ARVIZ_MAJOR = 0
 
 
-def _require():
-    if az is None:
-        raise ImportError("ArviZ is not installed; pip install arviz")
+@functools.cache
+def _az():
+    """The arviz module, imported on first use (commands that need no ArviZ start faster)."""
+    try:
+        return importlib.import_module("arviz")
+    except ImportError:  # pragma: no cover - arviz is a dependency; the message says what to do
+        raise ImportError("ArviZ is not installed; pip install arviz") from None
+
+
+def __getattr__(name: str):
+    if name == "az":
+        return _az()
+    raise AttributeError(name)
 
 
 def to_arviz(posterior: dict[str, np.ndarray], sample_stats: dict[str, np.ndarray] | None = None,
@@ -35,7 +47,7 @@ def to_arviz(posterior: dict[str, np.ndarray], sample_stats: dict[str, np.ndarra
     Returns an ``InferenceData`` (arviz 0.x) or a ``DataTree`` (arviz 1.x), each with a
     ``posterior`` group (and ``sample_stats`` if given).
     """
-    _require()
+    az = _az()
     if ARVIZ_MAJOR >= 1:
         groups = {"posterior": posterior}
         if sample_stats is not None:
@@ -50,19 +62,19 @@ def _per_component(fn, samples: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected (chain, draw, ...) samples, got shape {samples.shape}")
     if ARVIZ_MAJOR >= 1:
         return np.asarray(fn(samples), dtype=float)
-    dataset = az.convert_to_dataset(samples)  # one variable named "x"
+    dataset = _az().convert_to_dataset(samples)  # one variable named "x"
     return np.asarray(fn(dataset)["x"].values, dtype=float)
 
 
 def rhat(samples: np.ndarray) -> np.ndarray:
     """Rank-normalized split R-hat of ``(chain, draw, *shape)`` draws; shape ``shape``."""
-    _require()
+    az = _az()
     return _per_component(az.rhat, samples)
 
 
 def ess(samples: np.ndarray, method: str = "bulk") -> np.ndarray:
     """Bulk or tail effective sample size of ``(chain, draw, *shape)`` draws."""
-    _require()
+    az = _az()
     if method == "tail" and ARVIZ_MAJOR >= 1:  # 1.x needs the tail quantiles on arrays
         return _per_component(lambda d: az.ess(d, method="tail", prob=(0.05, 0.95)), samples)
     return _per_component(lambda d: az.ess(d, method=method), samples)
@@ -70,7 +82,23 @@ def ess(samples: np.ndarray, method: str = "bulk") -> np.ndarray:
 
 def summary(data, ci_prob: float = 0.94):
     """``az.summary`` with the same interval on both versions (0.x: HDI, 1.x: ETI)."""
-    _require()
+    az = _az()
     if ARVIZ_MAJOR >= 1:
         return az.summary(data, ci_prob=ci_prob)
     return az.summary(data, hdi_prob=ci_prob)
+
+
+def pareto_khat(log_weights: np.ndarray) -> float:
+    """Pareto k-hat of importance weights given by their logarithms (PSIS, ``r_eff=1``).
+
+    ArviZ's own PSIS: ``arviz.psislw`` (0.x) or arviz-stats' ``psislw`` (1.x); both fit
+    the generalized Pareto to the largest ``ceil(min(0.2 S, 3 sqrt(S)))`` of ``S`` weights.
+    """
+    az = _az()
+    lw = np.asarray(log_weights, dtype=float).ravel()
+    if ARVIZ_MAJOR >= 1:  # arviz-stats takes log-likelihoods, as in LOO: weights 1 / p
+        array_stats = importlib.import_module("arviz_stats.base.array").array_stats
+        _, khat = array_stats.psislw(-lw, r_eff=1)
+    else:
+        _, khat = az.psislw(lw, reff=1.0)
+    return float(np.asarray(khat))

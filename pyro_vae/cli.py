@@ -7,16 +7,34 @@ fix print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+
+import torch
 
 from . import __version__
 from .config import BINARIZE_MODES, DEVICES, ELBOS, NAN_POLICIES, RunConfig
 from .data import DATASETS
+from .diagnostics import diagnose
 from .errors import ConfigError, PyroVAEError, TrainingDiverged
+from .evaluate import evaluate_run
 from .likelihoods import available_likelihoods, get_likelihood
+from .plots import (
+    figures_for_run,
+    forest,
+    image_grid,
+    inference_gap_bars,
+    khat_per_image,
+    posterior_pairs,
+    save_figures,
+)
+from .runner.resolve import resolve_device
+from .runner.rundir import load_run
+from .runner.train import train
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -90,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--elbo", choices=ELBOS,
                    help="trace (Trace_ELBO, default) or meanfield (analytic KL)")
     o.add_argument("--num-particles", type=int, help="ELBO particles, vectorized (default: 1)")
-    o.add_argument("--jit", action="store_true", default=None, help="compile the ELBO (Pyro JIT)")
+    o.add_argument("--no-fast-step", dest="fast_step", action="store_false", default=None,
+                   help="run every step eagerly through Pyro instead of replaying it as a "
+                        "traced graph (CPU) or a CUDA graph (CUDA)")
     o.add_argument("--seed", type=int, help="default: 0")
     o.add_argument("--device", choices=DEVICES, help="default: auto (CUDA if available)")
     o.add_argument("--nan-policy", choices=NAN_POLICIES,
@@ -147,9 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
 _FIELDS = {
     "data": ["dataset", "data_dir", "binarize", "train_limit", "test_limit", "download"],
     "model": ["likelihood", "z_dim", "hidden_dims", "activation"],
-    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "jit", "seed", "device",
-              "nan_policy"],
+    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "fast_step", "seed",
+              "device", "nan_policy"],
 }
+# config fields whose flag is not simply --field-name
+_FLAGS = {"likelihood_options": "--likelihood-option", "download": "--no-download",
+          "fast_step": "--no-fast-step"}
+_FIELD = re.compile(r"\b(?:Model|Data|Train)Config\.(\w+)(?: = '([^']*)')?")
+
+
+def _flag(field: str) -> str:
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def for_cli(message: str) -> str:
+    """A library message with its Python names (``TrainConfig.lr``, ``force=True``)
+    rewritten into this tool's flags (``--lr``, ``--force``)."""
+    message = _FIELD.sub(lambda m: _flag(m[1]) + (f" {m[2]}" if m[2] else ""), message)
+    message = re.sub(r"\bresume=", "--resume ", message)
+    message = message.replace("force=True", "--force").replace(" out folder", " --out")
+    return message
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -166,8 +203,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
-
     if args.resume is not None:
         given = [f"--{n.replace('_', '-')}" for names in _FIELDS.values() for n in names
                  if n != "epochs" and getattr(args, n) is not None]
@@ -197,32 +232,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _figures(run, kinds=None) -> list[Path]:
-    from .data import prepare_splits
-    from .plots import run_figures, save_figures
-
-    data, _, test_x = prepare_splits(run.config, next(run.vae.parameters()).device)
-    figures = run_figures(run.vae, test_x, data.test_y, run.metrics, kinds)
-    return save_figures(figures, run.path / "figures")
+    return save_figures(figures_for_run(run, kinds), run.path / "figures")
 
 
 def _load(args):
-    from .rundir import load_run
-    from .train import resolve_device
-
-    return load_run(args.run_dir, device=resolve_device(args.device))
+    return load_run(args.run_dir, device=resolve_device(getattr(args, "device", "cpu")))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from .evaluate import evaluate_run
-
     if args.iwae_samples < 1 or args.batch_size < 1:
         raise ConfigError("--iwae-samples and --batch-size must be positive integers")
     run = _load(args)
-    result = evaluate_run(run.vae, run.config, args.split, args.iwae_samples, args.batch_size,
+    result = evaluate_run(run, args.split, args.iwae_samples, args.batch_size,
                           progress=not args.quiet and sys.stderr.isatty())
-    result["epoch"] = run.epoch
     (run.path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     k = result["iwae_samples"]
     rows = [("ELBO", result["elbo"], result["elbo_se"]),
@@ -249,15 +271,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .plots import image_grid, save_figures
-    from .rundir import load_run
-
     if args.num_samples < 1:
         raise ConfigError("-n must be a positive integer")
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
-    import torch
-
     run = load_run(args.run_dir)
     torch.manual_seed(args.seed)
     d = run.vae.sample_prior(args.num_samples)
@@ -275,13 +292,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    import json
-
-    from .data import prepare_splits
-    from .diagnostics import diagnose
-    from .plots import forest, inference_gap_bars, khat_per_image, posterior_pairs, save_figures
-    from .rundir import load_run
-
     for name in ("images", "num_samples", "warmup", "chains", "iwae_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -289,12 +299,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print("pyro-vae: note: R-hat needs at least 2 chains; it is reported as NaN",
               file=sys.stderr)
     run = load_run(args.run_dir)
-    device = next(run.vae.parameters()).device
-    data, _, test_x = prepare_splits(run.config, device)
-    x = test_x[: args.images]
+    x = run.data.test_x[: args.images]
     result = diagnose(run.vae, x, args.num_samples, args.warmup, args.chains,
                       iwae_samples=args.iwae_samples, seed=args.seed,
-                      labels=data.test_y[: args.images].tolist())
+                      labels=run.data.test_y[: args.images].tolist())
     (run.path / "diagnostics.json").write_text(json.dumps(
         {"images": result.per_image, "settings": vars(args) | {"run_dir": str(args.run_dir)}},
         indent=2, default=str) + "\n")
@@ -349,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TrainingDiverged as e:
-        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        print(f"pyro-vae: error: {for_cli(str(e))}", file=sys.stderr)
         return EXIT_DIVERGED
     except PyroVAEError as e:
-        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        print(f"pyro-vae: error: {for_cli(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)

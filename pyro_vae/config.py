@@ -2,20 +2,29 @@
 
 ``RunConfig.to_dict()`` is what ``RUN_DIR/config.json`` holds: everything needed to
 rebuild the model and the data of a run.
+
+Errors name the field the way Python code spells it (``TrainConfig.lr must be positive``);
+the command-line tool rewrites those names into its flags (``--lr``). Checks that need the
+likelihood registry (a likelihood's name and options) live in
+:func:`pyro_vae.runner.resolve.check_config`, one step further down the data path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 BINARIZE_MODES = ("none", "dynamic", "static")
 ELBOS = ("trace", "meanfield")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
+MAX_SEED = 2**32 - 1  # numpy's seed range, which pyro.set_rng_seed passes seeds to
 
 
 @dataclass
@@ -41,12 +50,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # total epochs; --resume continues up to this number
+    epochs: int = 10  # total epochs; a resume continues up to this number
     batch_size: int = 128
     lr: float = 1e-3  # Adam learning rate
     elbo: str = "trace"  # trace (Trace_ELBO) | meanfield (TraceMeanField_ELBO, analytic KL)
     num_particles: int = 1  # ELBO particles, vectorized
-    jit: bool = False  # compile the ELBO with Pyro's JIT
+    fast_step: bool = True  # replay the step as a traced graph (CPU) or a CUDA graph
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 1000  # images per batch when computing the test ELBO
@@ -66,53 +75,73 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        try:
-            model = ModelConfig(**d.get("model", {}))
-            model.hidden_dims = tuple(int(h) for h in model.hidden_dims)
-            return cls(model=model, data=DataConfig(**d.get("data", {})),
-                       train=TrainConfig(**d.get("train", {})))
-        except TypeError as e:
-            raise ConfigError(f"config does not match this version of pyro-vae: {e}") from None
+        """The settings in ``d`` (as ``to_dict`` writes them); unknown keys are errors."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            raise ConfigError(f"config has unknown sections {', '.join(unknown)}; "
+                              f"expected {', '.join(sections)}")
+        parts = {}
+        for name, cls_ in sections.items():
+            values = d.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{name}' must be an object")
+            values = dict(values)
+            if name == "train" and "jit" in values:  # written before the fast step existed
+                if values.pop("jit"):
+                    log.info("TrainConfig.jit is gone: the fast step replaces Pyro's JIT")
+            known = {f.name for f in dataclasses.fields(cls_)}
+            extra = sorted(set(values) - known)
+            if extra:
+                raise ConfigError(f"{cls_.__name__} has no field {', '.join(extra)}; "
+                                  f"its fields are: {', '.join(sorted(known))}")
+            parts[name] = cls_(**values)
+        model = parts["model"]
+        if isinstance(model.hidden_dims, (list, tuple)):
+            model.hidden_dims = tuple(model.hidden_dims)
+        return cls(**parts)
 
     def validate(self) -> RunConfig:
-        """Raise :class:`ConfigError` on the first invalid setting; return self."""
-        from .likelihoods import get_likelihood  # here: config stays importable on its own
-
+        """Raise :class:`ConfigError` on the first invalid value; return self."""
         m, d, t = self.model, self.data, self.train
-        likelihood = get_likelihood(m.likelihood)
-        likelihood.check_options(m.likelihood_options)
-        _positive("--z-dim", m.z_dim)
-        if not m.hidden_dims:
-            raise ConfigError("--hidden-dims needs at least one size, e.g. --hidden-dims 400")
+        _positive("ModelConfig.z_dim", m.z_dim)
+        if not isinstance(m.hidden_dims, tuple) or not m.hidden_dims:
+            raise ConfigError("ModelConfig.hidden_dims needs at least one size, e.g. (400,)")
         for h in m.hidden_dims:
-            _positive("--hidden-dims", h)
-        _choice("--binarize", d.binarize, BINARIZE_MODES, allow_none=True)
-        for name, value in [("--train-limit", d.train_limit), ("--test-limit", d.test_limit)]:
+            _positive("ModelConfig.hidden_dims", h)
+        _positive("ModelConfig.x_dim", m.x_dim)
+        if not isinstance(m.likelihood_options, dict):
+            raise ConfigError("ModelConfig.likelihood_options must be a dict of numbers")
+        _choice("DataConfig.binarize", d.binarize, BINARIZE_MODES, allow_none=True)
+        for name, value in [("DataConfig.train_limit", d.train_limit),
+                            ("DataConfig.test_limit", d.test_limit)]:
             if value is not None:
                 _positive(name, value)
-        _positive("--epochs", t.epochs)
-        _positive("--batch-size", t.batch_size)
-        _positive("--num-particles", t.num_particles)
-        _positive("--eval-batch-size", t.eval_batch_size)
-        if not t.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {t.lr}")
-        _choice("--elbo", t.elbo, ELBOS)
-        _choice("--device", t.device, DEVICES)
-        _choice("--nan-policy", t.nan_policy, NAN_POLICIES)
+        _seed("DataConfig.binarize_seed", d.binarize_seed)
+        _positive("TrainConfig.epochs", t.epochs)
+        _positive("TrainConfig.batch_size", t.batch_size)
+        _positive("TrainConfig.num_particles", t.num_particles)
+        _positive("TrainConfig.eval_batch_size", t.eval_batch_size)
+        if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not 0 < t.lr < float(
+                "inf"):
+            raise ConfigError(f"TrainConfig.lr must be a positive finite number, got {t.lr!r}")
+        _seed("TrainConfig.seed", t.seed)
+        _choice("TrainConfig.elbo", t.elbo, ELBOS)
+        _choice("TrainConfig.device", t.device, DEVICES)
+        _choice("TrainConfig.nan_policy", t.nan_policy, NAN_POLICIES)
         return self
-
-    def binarize_mode(self) -> str:
-        """The binarization in effect: the setting, or the likelihood's default."""
-        if self.data.binarize is not None:
-            return self.data.binarize
-        from .likelihoods import get_likelihood
-
-        return "dynamic" if get_likelihood(self.model.likelihood).binary else "none"
 
 
 def _positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _seed(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be an integer in [0, {MAX_SEED}], got {value!r}")
 
 
 def _choice(name: str, value, choices, allow_none: bool = False) -> None:

@@ -9,7 +9,8 @@ For chosen images ``x`` and the trained decoder (frozen):
   MCMC draws; guide draws are independent and need none);
 - guide against NUTS moments;
 - Pareto k-hat of the importance weights p(x, z) / q(z | x), z ~ q (PSIS; Vehtari et al.
-  2015/2024): how well q serves as a proposal (k < 0.5 good, 0.5-0.7 usable, > 0.7 bad);
+  2015/2024, computed by ArviZ): how well q serves as a proposal (k < 0.5 good, 0.5-0.7
+  usable, > 0.7 bad);
 - the inference-gap decomposition of Cremer, Li & Duvenaud (2018)::
 
       log p(x) - ELBO(q amortized) = [log p(x) - ELBO(q*)]        approximation gap
@@ -30,55 +31,16 @@ import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer import MCMC, NUTS, Trace_ELBO
+from pyro.infer import MCMC, NUTS
+from torch import nn
 
-from .arviz_compat import ess, rhat, to_arviz
-from .evaluate import fixed_noise, log_weights
+from .arviz_compat import ess, pareto_khat, rhat, to_arviz
+from .estimators import fixed_noise, log_weights
 from .model import VAE
+from .objective import Objective, SyncFreeTrace_ELBO
+from .runner.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-# -- PSIS ----------------------------------------------------------------------------------
-
-
-def _gpd_fit(x: np.ndarray) -> tuple[float, float]:
-    """Generalized Pareto fit of exceedances ``x`` (Zhang & Stephens 2009), with the
-    weakly informative prior on k of Vehtari et al.; returns (k, sigma)."""
-    x = np.sort(x)
-    n = len(x)
-    prior_bs, prior_k = 3, 10
-    m = 30 + int(np.sqrt(n))
-    bs = 1 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))
-    bs /= prior_bs * x[int(n / 4 + 0.5) - 1]
-    bs += 1 / x[-1]
-    ks = np.log1p(-bs[:, None] * x).mean(axis=1)
-    len_scale = n * (np.log(-(bs / ks)) - ks - 1)
-    weights = 1 / np.exp(len_scale - len_scale[:, None]).sum(axis=1)
-    keep = weights >= 10 * np.finfo(float).eps
-    bs, weights = bs[keep], weights[keep] / weights[keep].sum()
-    b_post = (bs * weights).sum()
-    k_post = np.log1p(-b_post * x).mean()
-    sigma = -k_post / b_post
-    return (n * k_post + prior_k * 0.5) / (n + prior_k), sigma
-
-
-def pareto_khat(log_weights: np.ndarray) -> float:
-    """Pareto k-hat of the upper tail of importance weights given by their logarithms.
-
-    The tail holds the largest ``ceil(min(0.2 S, 3 sqrt(S)))`` of ``S`` weights, as in
-    PSIS (``arviz.psislw`` with ``reff=1``).
-    """
-    lw = np.sort(np.asarray(log_weights, dtype=float).ravel())
-    lw = lw - lw[-1]
-    n = len(lw)
-    m = int(np.ceil(min(0.2 * n, 3 * np.sqrt(n))))
-    if m < 5:
-        raise ValueError(f"PSIS needs more importance weights than {n}")
-    exceedances = np.exp(lw[-m:]) - np.exp(lw[-m - 1])
-    if not np.any(exceedances > 0):
-        return -np.inf  # all tail weights equal: no tail at all
-    return float(_gpd_fit(exceedances)[0])
 
 
 # -- Reference posterior by NUTS --------------------------------------------------------
@@ -123,29 +85,39 @@ def nuts_posterior(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup
 # -- Inference gaps ------------------------------------------------------------------------
 
 
+class _GaussianPerImage(nn.Module):
+    """Free ``loc`` and ``scale`` (softplus of ``raw``) per image: the parameters of q*."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.loc = nn.Parameter(loc.clone())
+        self.raw = nn.Parameter(torch.log(torch.expm1(scale)))  # softplus^-1
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return F.softplus(self.raw)
+
+
 def optimal_gaussian(vae: VAE, x: torch.Tensor, steps: int = 500, num_particles: int = 16,
                      lr: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image Gaussian q*(z | x) maximizing the ELBO, by SVI from the encoder's output.
 
-    Returns ``(loc, scale)``, each ``(B, z_dim)``. The decoder stays fixed.
+    Returns ``(loc, scale)``, each ``(B, z_dim)``. The decoder stays fixed; the fit runs
+    :meth:`~pyro_vae.runner.trainer.Trainer.step`, like training.
     """
     with frozen(vae), torch.no_grad():
-        loc0, scale0 = vae.encoder(x)
-    loc = loc0.clone().requires_grad_()
-    raw = torch.log(torch.expm1(scale0)).clone().requires_grad_()  # softplus^-1
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
-    optimizer = torch.optim.Adam([loc, raw], lr=lr)
+        q = _GaussianPerImage(*vae.encoder(x))
 
     def guide(x):
-        vae.gaussian_guide(x, loc, F.softplus(raw))
+        vae.gaussian_guide(x, q.loc, q.scale)
 
-    with frozen(vae):
+    elbo = SyncFreeTrace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                              max_plate_nesting=1)
+    with frozen(vae):  # before the trainer is built: it optimizes what requires gradients
+        trainer = Trainer(Objective(vae, elbo, guide=guide, extra=q), lr)
         for _ in range(steps):
-            loss = elbo.differentiable_loss(vae.model, guide, x)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return loc.detach(), F.softplus(raw).detach()
+            trainer.step(x)
+    return q.loc.detach(), q.scale.detach()
 
 
 def _log_mean_exp(t: torch.Tensor, dim: int = 0) -> torch.Tensor:

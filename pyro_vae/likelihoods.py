@@ -86,7 +86,7 @@ class Likelihood:
             hint = ", ".join(accepted) if accepted else "none"
             raise ConfigError(
                 f"likelihood '{self.name}' has no option {', '.join(unknown)}; "
-                f"its options are: {hint}"
+                f"its options (ModelConfig.likelihood_options) are: {hint}"
             )
         if not options:
             return
@@ -107,7 +107,7 @@ class Likelihood:
             return
         lo, hi = float(x.min()), float(x.max())
         if self.binary:
-            fix = "binarize it (--binarize dynamic or static)"
+            fix = "binarize it (DataConfig.binarize = 'dynamic' or 'static')"
         else:
             fix = "choose a likelihood whose support holds it"
         raise DataError(
@@ -167,27 +167,15 @@ def available_likelihoods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_likelihood(name: str, *, binary_data: bool | None = None) -> Likelihood:
-    """The likelihood registered under ``name``.
-
-    With ``binary_data=False`` a binary likelihood (``bernoulli``) is replaced by its
-    relaxed counterpart (``bernoulli-relaxed``), which scores gray-scale values with the
-    same formula but is not a normalized density; a binary likelihood without one is an
-    error.
-    """
+def get_likelihood(name: str) -> Likelihood:
+    """The likelihood registered under ``name``."""
     try:
-        likelihood = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ConfigError(
-            f"unknown likelihood '{name}'; choose one of: {', '.join(available_likelihoods())}"
+            f"unknown likelihood '{name}'; ModelConfig.likelihood must be one of: "
+            f"{', '.join(available_likelihoods())}"
         ) from None
-    if binary_data is False and likelihood.binary:
-        if likelihood.relaxed is None:
-            raise ConfigError(
-                f"likelihood '{name}' scores binary pixels only; use --binarize dynamic or static"
-            )
-        return _REGISTRY[likelihood.relaxed]
-    return likelihood
 
 
 class OpenInterval(constraints.Constraint):

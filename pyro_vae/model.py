@@ -16,8 +16,9 @@ estimate of the full-data ELBO.
 
 This is the only module that calls ``pyro.sample``. The networks are ordinary
 ``nn.Module`` s and are not registered in Pyro's global parameter store, so several VAEs
-can live side by side in one notebook; optimize ``vae.parameters()`` with a torch
-optimizer and Pyro's ELBO as the loss (see :mod:`pyro_vae.train`).
+can live side by side in one notebook; :class:`pyro_vae.objective.Objective` turns
+model and guide into Pyro's ELBO as an ``nn.Module`` loss, and
+:class:`pyro_vae.runner.trainer.Trainer` optimizes it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class VAE(nn.Module):
         batch = x.shape[0]
         scale = 1.0 if num_data is None else num_data / batch
         with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
-            prior = dist.Normal(x.new_zeros(()), 1.0).expand([batch, self.z_dim])
+            # device tensors, not Python floats: nothing is copied from the host per step,
+            # which CUDA-graph capture requires
+            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
             z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
             pyro.sample("x", self.decode(z).to_event(1), obs=self.likelihood.prepare_data(x))
 
@@ -130,16 +133,3 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         return self.decode(torch.randn(num_samples, self.z_dim, device=device))
 
-
-def build_vae(config) -> VAE:
-    """The VAE described by a :class:`~pyro_vae.config.RunConfig` (as saved in a run)."""
-    binary_data = config.binarize_mode() != "none"
-    m = config.model
-    return VAE(
-        get_likelihood(m.likelihood, binary_data=binary_data),
-        x_dim=m.x_dim,
-        z_dim=m.z_dim,
-        hidden_dims=m.hidden_dims,
-        activation=m.activation,
-        likelihood_options=m.likelihood_options,
-    )

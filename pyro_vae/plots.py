@@ -18,7 +18,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .estimators import fixed_noise
 from .model import VAE
+from .runner.rundir import Run
 
 IMAGE_SHAPE = (28, 28)
 
@@ -149,8 +151,6 @@ def latent_manifold(vae: VAE, n: int = 15, image_shape=IMAGE_SHAPE,
 @torch.no_grad()
 def prior_samples(vae: VAE, num_samples: int = 64, seed: int = 0) -> dict[str, Figure]:
     """Images from the prior: the likelihood's means and, where it has them, actual draws."""
-    from .evaluate import fixed_noise
-
     device = next(vae.parameters()).device
     with fixed_noise(seed, device):
         d = vae.sample_prior(num_samples)
@@ -184,6 +184,11 @@ def run_figures(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor,
     if "manifold" in kinds and vae.z_dim == 2:
         figures["manifold"] = latent_manifold(vae)
     return figures
+
+
+def figures_for_run(run: Run, kinds: Sequence[str] | None = None) -> dict[str, Figure]:
+    """:func:`run_figures` of a :class:`~pyro_vae.runner.rundir.Run` and its own data."""
+    return run_figures(run.vae, run.data.test_x, run.data.test_y, run.metrics, kinds)
 
 
 def save_figures(figures: dict[str, Figure], folder: str | Path, dpi: int = 110) -> list[Path]:

@@ -1,277 +1,413 @@
-"""Training speed of pyro-vae against a hand-written PyTorch VAE, side by side in one run.
+"""Training speed of pyro-vae's own training loop against its anchors, side by side.
 
 Every contender trains the PyTorch example's network (784-400-20, ReLU) on the same
-60,000 images (mnist-sample tiled, or --dataset mnist), one epoch at a time in turn
-(interleaved), so load on the machine affects all alike. Reports the median seconds per
-epoch, images per second, the ratio to the reference at the same batch size, achieved
-GFLOP/s against a dense matmul of the same shapes timed in the same run, and peak memory.
-Writes JSON and the "Training speed (DEVICE)" section of docs/benchmarks.md.
+60,000 MNIST images (``--data-dir`` with the four IDX files, else mnist-sample tiled), one
+epoch at a time in turn (interleaved), so load on the machine affects all alike:
 
-    python scripts/benchmark.py [--device cpu|cuda] [--epochs 3] [--quick]
+- plain PyTorch, eager (the PyTorch example's loss and ``torch.optim.Adam`` defaults);
+  plain PyTorch with fused Adam; on CUDA, plain PyTorch with the whole step in a CUDA graph;
+- Pyro's examples/vae style: ``pyro.infer.SVI.step`` with the param store;
+- Pyro's ``Trace_ELBO.differentiable_loss`` + Adam (pyro-vae's step before the Trainer)
+  and ``JitTrace_ELBO`` (the old ``--jit``);
+- pyro-vae's :class:`~pyro_vae.runner.trainer.Trainer` -- ``fit_epoch``, the loop that
+  ``pyro-vae train`` runs -- eager and with the fast step (traced graph on the CPU, CUDA
+  graph on CUDA), for ``Trace_ELBO`` and ``TraceMeanField_ELBO``;
+- NumPyro's examples/vae (a jitted ``svi.update`` per step, and the whole epoch in one
+  jitted ``lax.fori_loop``) where JAX and NumPyro are installed.
+
+Reports the median seconds per epoch, images per second, the ratio to the plain eager loop
+at the same batch size, peak memory, and host reads per step (on CUDA: synchronising
+calls seen by ``torch.cuda.set_sync_debug_mode``; on the CPU, where nothing synchronises,
+the same calls -- ``item``, ``bool``, ``tolist`` ... -- counted by a ``TorchFunctionMode``).
+Then times ``pyro_vae.train`` end to end on the same data. Writes JSON and the
+"Training speed (DEVICE)" section of docs/benchmarks.md.
+
+    python -m scripts.benchmark [--device cpu|cuda] [--epochs 3] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pyro
+import pyro.optim
 import torch
+from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+from torch.overrides import TorchFunctionMode
 
-from pyro_vae import VAE, RunConfig
-from pyro_vae.data import DeviceBatches, load_mnist_sample
-from pyro_vae.evaluate import importance_log_likelihood
-from pyro_vae.reference import ReferenceVAE, train_reference_epoch
-from pyro_vae.train import make_loss
+from pyro_vae import VAE, Objective, RunConfig, Trainer, make_elbo, train
+from pyro_vae.data import DeviceBatches, load_mnist_sample, read_idx_split
+from pyro_vae.runner.state import EpochProgress
+from scripts import numpyro_vae
+from scripts._docs import machine_description, update_section
+from scripts.reference import ReferenceVAE
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _docs import machine_description, update_section  # noqa: E402
-
-X_DIM, HIDDEN, Z_DIM = 784, 400, 20
-# multiply-adds of one image through encoder (784-400-40) and decoder (20-400-784)
-MACS = X_DIM * HIDDEN + HIDDEN * 2 * Z_DIM + Z_DIM * HIDDEN + HIDDEN * X_DIM
-TRAIN_FLOP_PER_IMAGE = 3 * 2 * MACS  # forward + backward (two matmuls per layer)
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 class Contender:
-    """A training loop that runs one epoch when called and returns its seconds."""
+    """A training loop: ``epoch(n)`` runs epoch ``n``; ``step(x)`` one step (for counting)."""
 
-    def __init__(self, name: str, batch_size: int, epoch: Callable[[], float], group: str):
-        self.name, self.batch_size, self.epoch, self.group = name, batch_size, epoch, group
+    def __init__(self, name: str, batch_size: int, epoch: Callable[[int], None],
+                 step: Callable[[torch.Tensor], object] | None = None, peak=None):
+        self.name, self.batch_size, self.epoch, self.step = name, batch_size, epoch, step
         self.seconds: list[float] = []
+        self.host_reads: float | None = None
         self.peak_bytes = 0
 
 
-def pyro_contender(x, batch_size, elbo="trace", jit=False, particles=1, device=None):
-    config = RunConfig()
-    config.train.elbo, config.train.jit, config.train.num_particles = elbo, jit, particles
-    vae = VAE().to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    loss_fn = make_loss(vae, config, len(x))[0]
-    batches = DeviceBatches(x, batch_size, dynamic=True)
+# -- plain PyTorch ------------------------------------------------------------------------
 
-    count = iter(range(1, 10**6))
 
-    def epoch() -> float:
+def plain(x, b, device, fused=False):
+    vae = ReferenceVAE().to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
+    batches = DeviceBatches(x, b, dynamic=True)
+
+    def step(xb):
+        loss = vae.loss(xb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def epoch(n):
         total = torch.zeros((), device=device)
-        sync(device)
-        start = time.perf_counter()
-        for xb in batches.batches(batches.permutation(next(count))):
-            loss = loss_fn(xb)
+        for xb in batches.batches(batches.permutation(n)):
+            total += step(xb)
+        total.item()
+
+    name = "plain PyTorch, eager" + (", fused Adam" if fused else "")
+    return Contender(name, b, epoch, step)
+
+
+def plain_cuda_graph(x, b, device):
+    """The whole plain step (forward, backward, capturable Adam) in one CUDA graph."""
+    vae = ReferenceVAE().to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, capturable=True)
+    batches = DeviceBatches(x, b, dynamic=True)
+    static_x = torch.bernoulli(x[:b])
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
             optimizer.zero_grad(set_to_none=True)
+            vae.loss(static_x).backward()
+            optimizer.step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = vae.loss(static_x)
+        static_loss.backward()
+        optimizer.step()
+
+    def step(xb):
+        if xb.shape != static_x.shape:  # the last, smaller batch: eager
+            optimizer.zero_grad(set_to_none=True)
+            loss = vae.loss(xb)
             loss.backward()
             optimizer.step()
-            total += loss.detach()
+            return loss.detach()
+        static_x.copy_(xb)
+        graph.replay()
+        return static_loss.detach().clone()
+
+    def epoch(n):
+        total = torch.zeros((), device=device)
+        for xb in batches.batches(batches.permutation(n)):
+            total += step(xb)
         total.item()
-        return time.perf_counter() - start
+
+    return Contender("plain PyTorch, whole step in a CUDA graph", b, epoch, step)
+
+
+# -- Pyro ---------------------------------------------------------------------------------
+
+
+def pyro_svi(x, b, device):
+    """Pyro's examples/vae style: the networks in the param store, ``SVI.step``."""
+    vae = VAE().to(device)
+    num_data = len(x)
+
+    def model(xb):
+        pyro.module("decoder", vae.decoder)
+        vae.model(xb, num_data)
+
+    def guide(xb):
+        pyro.module("encoder", vae.encoder)
+        vae.guide(xb, num_data)
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    batches = DeviceBatches(x, b, dynamic=True)
+
+    def epoch(n):
+        for xb in batches.batches(batches.permutation(n)):
+            svi.step(xb)
+
+    return Contender("Pyro examples/vae style: SVI.step", b, epoch, svi.step)
+
+
+def pyro_loss(x, b, device, jit=False):
+    """Pyro's ELBO ``differentiable_loss`` + torch Adam: pyro-vae's step before the Trainer."""
+    vae = VAE().to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    num_data = len(x)
+    batches = DeviceBatches(x, b, dynamic=True)
+    if jit:
+        elbo = JitTrace_ELBO(ignore_jit_warnings=True)
+
+        def model(xb, batch_size):
+            pyro.module("jit_decoder", vae.decoder)
+            vae.model(xb, num_data)
+
+        def guide(xb, batch_size):
+            pyro.module("jit_encoder", vae.encoder)
+            vae.guide(xb, num_data)
+
+        def loss_fn(xb):
+            return elbo.differentiable_loss(model, guide, xb, batch_size=xb.shape[0])
+    else:
+        elbo = Trace_ELBO()
+
+        def loss_fn(xb):
+            return elbo.differentiable_loss(vae.model, vae.guide, xb, num_data)
+
+    def step(xb):
+        loss = loss_fn(xb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def epoch(n):
+        total = torch.zeros((), device=device)
+        for xb in batches.batches(batches.permutation(n)):
+            total += step(xb)
+        total.item()
+
+    name = "JitTrace_ELBO" if jit else "Trace_ELBO"
+    return Contender(f"Pyro {name}.differentiable_loss + Adam", b, epoch, step)
+
+
+def pyro_vae_trainer(x, b, device, fast=True, elbo="trace"):
+    """pyro-vae's Trainer: the loop ``pyro-vae train`` runs, nothing copied."""
+    config = RunConfig().train
+    config.elbo = elbo
+    vae = VAE().to(device)
+    trainer = Trainer(Objective(vae, make_elbo(config), len(x)), 1e-3, fast=fast)
+    batches = DeviceBatches(x, b, dynamic=True)
+
+    def epoch(n):
+        done = trainer.fit_epoch(batches, EpochProgress(batches.permutation(n)))
+        done.loss_sum.item()  # the one read per epoch that training makes
 
     name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}[elbo]
-    name = ("Jit" if jit else "") + name + (f", {particles} particles" if particles > 1 else "")
-    return Contender(f"pyro-vae {name}", batch_size, epoch, "pyro-vae")
+    way = {"traced": "fast step (traced graph)", "cuda-graph": "fast step (CUDA graph)",
+           "eager": "eager step"}[trainer.mode]
+    return Contender(f"pyro-vae Trainer, {name}, {way}", b, epoch, trainer.step)
 
 
-def reference_contender(x, batch_size, device):
-    vae = ReferenceVAE().to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    batches = DeviceBatches(x, batch_size, dynamic=True)
-
-    count = iter(range(1, 10**6))
-
-    def epoch() -> float:
-        sync(device)
-        return train_reference_epoch(vae, optimizer, batches, next(count))[1]
-
-    return Contender("plain PyTorch reference", batch_size, epoch, "reference")
+# -- measuring ----------------------------------------------------------------------------
 
 
-def dataloader_contender(images_uint8, batch_size, device):
-    """The PyTorch example's data path: DataLoader over PIL images with ToTensor per item."""
-    from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision import transforms
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host."""
 
-    class PILImages(Dataset):
-        def __init__(self, images):
-            self.images, self.to_tensor = images.numpy(), transforms.ToTensor()
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy",
+             "nonzero"}
 
-        def __len__(self):
-            return len(self.images)
+    def __init__(self):
+        super().__init__()
+        self.count = 0
 
-        def __getitem__(self, i):
-            return self.to_tensor(Image.fromarray(self.images[i], mode="L")), 0
-
-    loader = DataLoader(PILImages(images_uint8), batch_size=batch_size, shuffle=True)
-    vae = ReferenceVAE().to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
-
-    def epoch() -> float:
-        sync(device)
-        start = time.perf_counter()
-        for xb, _ in loader:
-            xb = torch.bernoulli(xb.to(device).view(-1, X_DIM))
-            loss = vae.loss(xb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        sync(device)
-        return time.perf_counter() - start
-
-    return Contender("PyTorch example data path (DataLoader + ToTensor)", batch_size, epoch,
-                     "reference")
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
 
 
-def matmul_gflops(batch_size, device, repeats=20) -> float:
-    """GFLOP/s of the training step's matmuls alone (forward + backward shapes)."""
-    shapes = [(X_DIM, HIDDEN), (HIDDEN, 2 * Z_DIM), (Z_DIM, HIDDEN), (HIDDEN, X_DIM)]
-    weights = [torch.randn(i, o, device=device) for i, o in shapes]
-    acts = [torch.randn(batch_size, i, device=device) for i, _ in shapes]
-    grads = [torch.randn(batch_size, o, device=device) for _, o in shapes]
-
-    def step():
-        for a, w, g in zip(acts, weights, grads):
-            a @ w  # forward
-            g @ w.T  # gradient of the input
-            a.T @ g  # gradient of the weight
-
-    for _ in range(3):
-        step()
+def host_reads_per_step(c: Contender, x, device, steps=5) -> float | None:
+    if c.step is None:
+        return None
+    xb = torch.bernoulli(x[: c.batch_size])
+    c.step(xb)
     sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    sync(device)
-    return repeats * batch_size * TRAIN_FLOP_PER_IMAGE / (time.perf_counter() - start) / 1e9
-
-
-def eval_gflops(x, device, num_samples=1000, images=100) -> tuple[float, float]:
-    """Importance-sampled evaluation: achieved decoder GFLOP/s, and a matmul's for it."""
-    vae = VAE().to(device)
-    xb = torch.bernoulli(x[:images])
-    importance_log_likelihood(vae, xb[:10], 50)
-    sync(device)
-    start = time.perf_counter()
-    importance_log_likelihood(vae, xb, num_samples)
-    sync(device)
-    seconds = time.perf_counter() - start
-    flop = 2 * images * num_samples * (Z_DIM * HIDDEN + HIDDEN * X_DIM)
-    a = torch.randn(214 * 100, HIDDEN, device=device)
-    w = torch.randn(HIDDEN, X_DIM, device=device)
-    a @ w
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ w
-    sync(device)
-    dense = 5 * 2 * a.shape[0] * HIDDEN * X_DIM / (time.perf_counter() - t) / 1e9
-    return flop / seconds / 1e9, dense
-
-
-def peak_memory(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    c.step(xb)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen) / steps
+    with HostReads() as reads:
+        for _ in range(steps):
+            c.step(xb)
+    return reads.count / steps
+
+
+def peak_memory(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def load_images(args) -> tuple[torch.Tensor, str]:
+    folder = args.data_dir or (SHARED_MNIST if SHARED_MNIST.is_dir() else None)
+    if folder is not None:
+        x, _ = read_idx_split(folder, "train")
+        return x[: args.images], f"the MNIST training set ({folder})"
+    sample = load_mnist_sample()
+    reps = -(-args.images // len(sample.train_x))
+    return sample.train_x.repeat(reps, 1)[: args.images], "mnist-sample tiled"
+
+
+def end_to_end(args, device, batch_size) -> dict:
+    """``pyro_vae.train`` as ``pyro-vae train`` runs it: test ELBO and checkpoint per epoch."""
+    config = RunConfig()
+    folder = args.data_dir or SHARED_MNIST
+    if folder.is_dir():
+        config.data.dataset, config.data.data_dir = "mnist", str(folder)
+    else:
+        config.data.dataset = "mnist-sample"
+    config.train.epochs, config.train.batch_size = args.epochs, batch_size
+    config.train.device = device.type
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run = train(config, Path(tmp) / "run", progress=False)
+        wall = time.perf_counter() - start
+    rates = [r["images_per_second"] for r in run.metrics]
+    return {"batch_size": batch_size, "epochs": args.epochs, "wall_seconds": wall,
+            "dataset": config.data.dataset, "images_per_second_median": statistics.median(rates),
+            "test_elbo": run.metrics[-1]["test_elbo"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per contender")
-    parser.add_argument("--quick", action="store_true",
-                        help="batch 128 only, no DataLoader path (a smoke run)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 1024])
+    parser.add_argument("--quick", action="store_true", help="batch 128, fewer contenders")
     parser.add_argument("--images", type=int, default=60000)
+    parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     device = torch.device(args.device)
+    warnings.filterwarnings("ignore", message=".*torch.jit.trace.*")
     pyro.set_rng_seed(0)
-
-    sample = load_mnist_sample()
-    reps = -(-args.images // len(sample.train_x))
-    x_cpu = sample.train_x.repeat(reps, 1)[: args.images]  # (N, 784) in [0, 1]
+    x_cpu, source = load_images(args)
     x = x_cpu.to(device)
-    uint8 = (x_cpu * 255).round().to(torch.uint8).view(-1, 28, 28)
 
+    sizes = [128] if args.quick else args.batch_sizes
     contenders = []
-    for b in (128,) if args.quick else (128, 256, 1024):
-        contenders += [reference_contender(x, b, device), pyro_contender(x, b, device=device),
-                       pyro_contender(x, b, "meanfield", device=device)]
-    if not args.quick:
-        contenders += [pyro_contender(x, 128, jit=True, device=device),
-                       pyro_contender(x, 128, "meanfield", jit=True, device=device),
-                       pyro_contender(x, 128, particles=4, device=device),
-                       dataloader_contender(uint8, 128, device)]
-    for c in contenders:  # warm-up epoch (JIT compilation, allocator, caches)
-        c.epoch()
+    for b in sizes:
+        contenders += [plain(x, b, device), plain(x, b, device, fused=True)]
+        if device.type == "cuda":
+            contenders.append(plain_cuda_graph(x, b, device))
+        contenders += [pyro_svi(x, b, device), pyro_loss(x, b, device)]
+        if b == 128 and not args.quick:
+            contenders.append(pyro_loss(x, b, device, jit=True))
+        contenders += [pyro_vae_trainer(x, b, device, fast=False),
+                       pyro_vae_trainer(x, b, device),
+                       pyro_vae_trainer(x, b, device, elbo="meanfield")]
+        contenders += numpyro_vae.contenders(x_cpu, b, Contender)
+    for c in contenders:  # warm-up epoch (tracing, graph capture, JIT, caches)
+        c.epoch(0)
+        c.host_reads = host_reads_per_step(c, x, device)
         print(f"warm-up: {c.name}, batch {c.batch_size}", file=sys.stderr, flush=True)
-    for epoch in range(args.epochs):
+    for epoch in range(1, args.epochs + 1):
         for c in contenders:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            c.seconds.append(c.epoch())
-            c.peak_bytes = max(c.peak_bytes, peak_memory(device))
-            print(f"epoch {epoch + 1}: {c.name}, batch {c.batch_size}: {c.seconds[-1]:.2f} s",
+            sync(device)
+            start = time.perf_counter()
+            c.epoch(epoch)
+            sync(device)
+            c.seconds.append(time.perf_counter() - start)
+            c.peak_bytes = max(c.peak_bytes, peak_memory(device) or 0)
+            print(f"epoch {epoch}: {c.name}, batch {c.batch_size}: {c.seconds[-1]:.2f} s",
                   file=sys.stderr, flush=True)
+    e2e = [end_to_end(args, device, b) for b in sizes]
 
-    matmul = {b: matmul_gflops(b, device) for b in sorted({c.batch_size for c in contenders})}
-    eval_rate, eval_dense = eval_gflops(x, device)
     rows = []
     for c in contenders:
         med = statistics.median(c.seconds)
         ref = next(r for r in contenders
-                   if r.name == "plain PyTorch reference" and r.batch_size == c.batch_size)
+                   if r.name == "plain PyTorch, eager" and r.batch_size == c.batch_size)
         rows.append({
             "name": c.name, "batch_size": c.batch_size, "seconds_per_epoch": med,
             "epochs": c.seconds, "images_per_second": len(x) / med,
-            "ratio_to_reference": med / statistics.median(ref.seconds),
-            "gflop_per_second": len(x) * TRAIN_FLOP_PER_IMAGE / med / 1e9,
-            "matmul_gflop_per_second": matmul[c.batch_size],
-            "peak_memory_mb": c.peak_bytes / 2**20,
+            "ratio_to_plain": med / statistics.median(ref.seconds),
+            "host_reads_per_step": c.host_reads,
+            "peak_memory_mb": c.peak_bytes / 2**20 if device.type == "cuda" else None,
         })
     result = {"device": args.device, "machine": machine_description(args.device),
-              "images": len(x), "timed_epochs": args.epochs, "rows": rows,
-              "eval_gflop_per_second": eval_rate, "eval_matmul_gflop_per_second": eval_dense}
+              "images": len(x), "data": source, "timed_epochs": args.epochs, "rows": rows,
+              "end_to_end": e2e, "numpyro": numpyro_vae.available()}
     print(json.dumps(result, indent=2))
     path = args.json or Path(f"docs/results/benchmark_{args.device}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+    update_section(args.doc, f"Training speed ({args.device})", report(args, result))
 
-    memory = "peak GPU memory allocated" if device.type == "cuda" else "process peak RSS so far"
+
+def report(args, result) -> str:
+    reads = ("synchronising calls per step (`torch.cuda.set_sync_debug_mode`)"
+             if args.device == "cuda" else "host reads per step (`item`, `bool`, ... counted "
+             "by a TorchFunctionMode; on a CPU nothing waits, on a GPU each would be a sync)")
+    command = (f"python -m scripts.benchmark --device {args.device} --epochs {args.epochs}"
+               + (" --quick" if args.quick else "")
+               + (f" --batch-sizes {' '.join(map(str, args.batch_sizes))}"
+                  if args.batch_sizes != [128, 256, 1024] and not args.quick else ""))
     lines = [
-        f"Command: `python scripts/benchmark.py --device {args.device} --epochs {args.epochs}"
-        f"{' --quick' if args.quick else ''}`. Machine: {result['machine']}.",
+        f"Command: `{command}`. Machine: {result['machine']}.",
         "",
-        f"{len(x):,} images of 784 pixels per epoch, 784-400-20 ReLU network, median of "
-        f"{args.epochs} timed epochs after one warm-up, contenders interleaved epoch by epoch. "
-        "GFLOP/s counts the matmuls of forward and backward passes "
-        f"({TRAIN_FLOP_PER_IMAGE / 1e6:.2f} MFLOP per image); the matmul column is the same "
-        "shapes' matmuls alone, timed in the same run.",
+        f"{result['images']:,} images ({result['data']}) per epoch, 784-400-20 ReLU, "
+        f"dynamically binarized on the device; median of {args.epochs} timed epochs after "
+        "one warm-up epoch, contenders interleaved epoch by epoch. *ratio*: seconds per "
+        "epoch over the plain eager loop's at the same batch size (lower is faster). "
+        f"*reads*: {reads}, measured after the first step.",
         "",
-        "| loop | batch | s / epoch | images / s | ratio to reference | GFLOP/s | "
-        f"matmul GFLOP/s | % of matmul | {memory} (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| loop | batch | s / epoch | images / s | ratio | reads |"
+        + (" peak MB |" if args.device == "cuda" else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if args.device == "cuda" else ""),
     ]
-    for r in rows:
+    for r in result["rows"]:
+        reads_cell = "" if r["host_reads_per_step"] is None else f"{r['host_reads_per_step']:g}"
         lines.append(
-            f"| {r['name']} | {r['batch_size']} | {r['seconds_per_epoch']:.2f} | "
-            f"{r['images_per_second']:,.0f} | {r['ratio_to_reference']:.3f} | "
-            f"{r['gflop_per_second']:.0f} | {r['matmul_gflop_per_second']:.0f} | "
-            f"{100 * r['gflop_per_second'] / r['matmul_gflop_per_second']:.0f}% | "
-            f"{r['peak_memory_mb']:.0f} |")
-    lines += ["", f"Importance-sampled evaluation (100 images, K = 1,000, decoder matmuls): "
-              f"{eval_rate:.0f} GFLOP/s against {eval_dense:.0f} GFLOP/s for a dense matmul of "
-              f"the decoder's output layer shape ({100 * eval_rate / eval_dense:.0f}%)."]
-    update_section(args.doc, f"Training speed ({args.device})", "\n".join(lines))
+            f"| {r['name']} | {r['batch_size']} | {r['seconds_per_epoch']:.3f} | "
+            f"{r['images_per_second']:,.0f} | {r['ratio_to_plain']:.3f} | {reads_cell} |"
+            + (f" {r['peak_memory_mb']:.0f} |" if args.device == "cuda" else ""))
+    if not result["numpyro"]:
+        lines += ["", "NumPyro's examples/vae: not measured here (JAX and NumPyro are not "
+                  "installed on this machine)."]
+    lines += ["", "`pyro_vae.train` end to end (test ELBO and checkpoint every epoch, "
+              f"{result['end_to_end'][0]['dataset']}, {args.epochs} epochs):", "",
+              "| batch | wall clock (s) | training images / s (median epoch) | "
+              "against the Trainer's fast step above | test ELBO |",
+              "|---:|---:|---:|---:|---:|"]
+    for e in result["end_to_end"]:
+        fast = next(r for r in result["rows"] if r["batch_size"] == e["batch_size"]
+                    and r["name"].startswith("pyro-vae Trainer, Trace_ELBO, fast"))
+        lines.append(f"| {e['batch_size']} | {e['wall_seconds']:.1f} | "
+                     f"{e['images_per_second_median']:,.0f} | "
+                     f"{e['images_per_second_median'] / fast['images_per_second']:.2f} | "
+                     f"{e['test_elbo']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

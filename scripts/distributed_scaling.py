@@ -5,7 +5,7 @@ the same global batch size (per-rank batch = global / ranks), Gloo on the CPU or
 CUDA, and reports images per second of the last epochs. Writes the "Measured scaling"
 section of docs/distributed.md.
 
-    python scripts/distributed_scaling.py [--device cpu] [--epochs 3] [--global-batch 256]
+    python -m scripts.distributed_scaling [--device cpu] [--epochs 3] [--global-batch 256]
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _docs import machine_description, update_section  # noqa: E402
+from scripts._docs import machine_description, update_section
 
 
 def run(nproc, args, out, threads):
@@ -50,7 +49,7 @@ def main() -> None:
             rows.append({"ranks": nproc, "threads_per_rank": threads, "images_per_second": rate,
                          "test_elbo": elbo})
             print(json.dumps(rows[-1]), flush=True)
-    lines = [f"Command: `python scripts/distributed_scaling.py --device {args.device} "
+    lines = [f"Command: `python -m scripts.distributed_scaling --device {args.device} "
              f"--epochs {args.epochs} --global-batch {args.global_batch}`. Machine: "
              f"{machine_description(args.device)}. mnist-sample (4,500 images), 784-400-20, "
              f"global batch {args.global_batch}; images per second averaged over epochs 2 to "

@@ -4,7 +4,7 @@ Trains two runs on mnist-sample (the default 784-400-20 network for 30 epochs, a
 2-D latent space for the manifold), or reuses them if they exist, then saves one figure
 of each kind. Every figure is checked to stay under 200 KB.
 
-    python scripts/docs_figures.py [--epochs 30]
+    python -m scripts.docs_figures [--epochs 30]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 
 from pyro_vae import RunConfig, load_run, train
-from pyro_vae.data import prepare_splits
 from pyro_vae.plots import run_figures, save_figures
 
 LIMIT = 200_000
@@ -39,8 +38,7 @@ def main() -> None:
     for name, z_dim, kinds in [("z20", 20, ("reconstructions", "samples", "curves", "latent")),
                                ("z2", 2, ("latent", "manifold"))]:
         run = trained(args.runs / name, args.epochs, z_dim)
-        data, _, test_x = prepare_splits(run.config, next(run.vae.parameters()).device)
-        figures = run_figures(run.vae, test_x, data.test_y, run.metrics, kinds)
+        figures = run_figures(run.vae, run.data.test_x, run.data.test_y, run.metrics, kinds)
         figures = {f"{key}_{name}" if name == "z2" else key: fig for key, fig in figures.items()}
         for path in save_figures(figures, args.out, dpi=80):
             size = path.stat().st_size

@@ -5,7 +5,7 @@ the real MNIST test set from IDX files, binarizes it once with a fixed seed, and
 ``importance_log_likelihood`` with K samples per image. Records the result in the
 "Importance-sampled evaluation" section of docs/benchmarks.md.
 
-    python scripts/eval_timing.py --run runs/quickstart --data-dir ../shared/data/mnist-t10k
+    python -m scripts.eval_timing --run runs/quickstart --data-dir ../shared/data/mnist-t10k
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +20,8 @@ import torch
 
 from pyro_vae import load_run
 from pyro_vae.data import binarize, read_idx_split
-from pyro_vae.evaluate import elbo_terms, importance_log_likelihood
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _docs import machine_description, update_section  # noqa: E402
+from pyro_vae.estimators import elbo_terms, importance_log_likelihood
+from scripts._docs import machine_description, update_section
 
 
 def main() -> None:
@@ -63,7 +60,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    body = f"""Command: `python scripts/eval_timing.py --run {args.run} --data-dir {args.data_dir}`.
+    body = f"""Command: `python -m scripts.eval_timing --run {args.run} --data-dir {args.data_dir}`.
 Machine: {result['machine']}.
 
 | what | value |

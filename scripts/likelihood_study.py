@@ -14,8 +14,8 @@ Bernoulli leaves out, latent quality (k-nearest-neighbour accuracy of test poste
 means among training posterior means), reconstructions and prior samples (means and
 draws). Writes JSON, figures and the measured sections of docs/likelihoods.md.
 
-    python scripts/likelihood_study.py                                  # offline, mnist-sample
-    python scripts/likelihood_study.py --dataset fashion-mnist \\
+    python -m scripts.likelihood_study                                  # offline, mnist-sample
+    python -m scripts.likelihood_study --dataset fashion-mnist \\
         --data-dir /usr/share/datasets/fashion-mnist --epochs 10
 """
 
@@ -29,13 +29,10 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import RunConfig, load_run, train
-from pyro_vae.data import prepare_splits
-from pyro_vae.evaluate import evaluate_run, knn_accuracy, missing_log_normalizer
+from pyro_vae import RunConfig, evaluate_run, load_run, train
 from pyro_vae.plots import labelled_rows, save_figures
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _docs import machine_description, update_section  # noqa: E402
+from scripts._docs import machine_description, update_section
+from scripts.study import knn_accuracy, missing_log_normalizer
 
 VARIANTS = [  # key, likelihood, binarize, label
     ("bernoulli-gray", "bernoulli", "none", "Bernoulli, gray (relaxed)"),
@@ -83,9 +80,9 @@ def study(args):
 
 def measure(args, run, key, binarize, label):
     """Numbers and picture rows of one trained variant."""
-    vae, config = run.vae, run.config
-    data, train_x, test_x = prepare_splits(config, torch.device("cpu"))
-    ev = evaluate_run(vae, config, "test", args.iwae_samples, progress=False)
+    vae = run.vae
+    data, train_x, test_x = run.data.data, run.data.train_x, run.data.test_x
+    ev = evaluate_run(run, "test", args.iwae_samples, progress=False)
     lik = vae.likelihood
     jacobian = BETA_LOG_JACOBIAN if lik.name == "beta" else 0.0
     missing = missing_log_normalizer(vae, test_x)
@@ -159,7 +156,7 @@ def main() -> None:
     json_path = args.json or Path(f"docs/results/likelihood_study_{args.dataset}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    command = " ".join(["python scripts/likelihood_study.py", *sys.argv[1:]])
+    command = " ".join(["python -m scripts.likelihood_study", *sys.argv[1:]])
     figures = "\n\n".join(f"![{p.stem}](figures/{p.name})" for p in paths)
     body = (f"Command: `{command}`. Machine: {result['machine']}. Network 784-400-20 ReLU, "
             f"Adam 1e-3, batch 128, {args.epochs} epochs, seed {args.seed}; nats per image "

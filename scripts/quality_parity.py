@@ -5,7 +5,7 @@ on the same device-resident batches of mnist-sample (dynamically binarized; the 
 binarized once with a fixed seed), for several seeds, and report the test ELBO after
 each epoch's training. Writes JSON and the "Quality parity" section of docs/benchmarks.md.
 
-    python scripts/quality_parity.py [--epochs 10] [--seeds 0 1 2]
+    python -m scripts.quality_parity [--epochs 10] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -13,23 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pyro
 import torch
 
 from pyro_vae import RunConfig, train
-from pyro_vae.data import DeviceBatches, prepare_splits
-from pyro_vae.reference import ReferenceVAE, reference_test_elbo, train_reference_epoch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _docs import machine_description, update_section  # noqa: E402
+from pyro_vae.data import DeviceBatches
+from pyro_vae.runner.resolve import resolve
+from scripts._docs import machine_description, update_section
+from scripts.reference import ReferenceVAE, reference_test_elbo, train_reference_epoch
 
 
 def reference_run(config: RunConfig, seed: int) -> float:
     pyro.set_rng_seed(seed)
-    _, train_x, test_x = prepare_splits(config, torch.device("cpu"))
+    splits = resolve(config, torch.device("cpu"))
+    train_x, test_x = splits.train_x, splits.test_x
     vae = ReferenceVAE()
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.train.lr)
     batches = DeviceBatches(train_x, config.train.batch_size, dynamic=True)
@@ -68,7 +67,7 @@ def main() -> None:
     args.json.write_text(json.dumps({"epochs": args.epochs, "rows": rows, "median": med},
                                     indent=2) + "\n")
     lines = [
-        f"Command: `python scripts/quality_parity.py --epochs {args.epochs} --seeds "
+        f"Command: `python -m scripts.quality_parity --epochs {args.epochs} --seeds "
         f"{' '.join(map(str, args.seeds))}`. Machine: {machine_description()}.",
         "",
         f"Test ELBO (nats per image, higher is better) after {args.epochs} epochs on "

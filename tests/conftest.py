@@ -1,14 +1,14 @@
-"""Shared fixtures: a clean Pyro state and a fixed seed for every test."""
+"""Fixtures: a clean Pyro state and a fixed seed for every test, data folders."""
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pyro
 import pytest
+
+from .helpers import write_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 
@@ -32,14 +32,6 @@ def shared_mnist() -> Path:
         pytest.skip(f"the real MNIST test set is not at {SHARED_MNIST} (developer/CI machines "
                     "only)")
     return SHARED_MNIST
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
-    """Write ``array`` (uint8) as an IDX file the way LeCun's files are laid out."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    path.write_bytes(gzip.compress(payload) if compress else payload)
-    return path
 
 
 @pytest.fixture

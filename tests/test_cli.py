@@ -24,8 +24,8 @@ def test_python_dash_m_runs_the_tool_and_exits_2_on_bad_input(tmp_path):
                              "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "pyro-vae: error: unknown likelihood 'poisson'; choose one of: bernoulli, "
-        "bernoulli-relaxed, beta, continuous-bernoulli, normal, normal-fixed"]
+        "pyro-vae: error: unknown likelihood 'poisson'; --likelihood must be one of: "
+        "bernoulli, bernoulli-relaxed, beta, continuous-bernoulli, normal, normal-fixed"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -33,8 +33,11 @@ def test_python_dash_m_runs_the_tool_and_exits_2_on_bad_input(tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--epochs", "-1"], "--epochs must be a positive integer"),
     (["--z-dim", "0"], "--z-dim must be a positive integer"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--lr=-1e-3"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be a positive finite number"),
+    (["--lr=-1e-3"], "--lr must be a positive finite number"),
+    (["--lr", "inf"], "--lr must be a positive finite number"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 4294967295]"),
+    (["--seed", str(2**40)], "--seed must be an integer"),
     (["--likelihood", "normal-fixed", "--likelihood-option", "sigma=1"], "no option sigma"),
     (["--likelihood", "normal-fixed", "--likelihood-option", "scale=0"], "scale > 0"),
     (["--hidden-dims", "400,x"], "comma-separated integers"),
@@ -126,6 +129,7 @@ def test_run_commands_reject_bad_input_with_exit_2(tmp_path, capsys, argv, messa
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_diagnose_writes_json_and_figures(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--out", str(out)]) == 0

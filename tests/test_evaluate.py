@@ -7,45 +7,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from pyro_vae import VAE, elbo_terms
-from pyro_vae.evaluate import importance_log_likelihood, log_weights
+from pyro_vae import elbo_terms, importance_log_likelihood, log_weights
 
-D, Z, S = 6, 2, 0.5
-
-
-def linear_gaussian_vae(seed=0, loc_noise=0.02, scale_factor=1.5):
-    """A VAE with decoder x = W z + b + s eps and a linear encoder near the true posterior."""
-    g = torch.Generator().manual_seed(seed)
-    vae = VAE("normal-fixed", x_dim=D, z_dim=Z, hidden_dims=(),
-              likelihood_options={"scale": S}).double()
-    W = torch.randn(D, Z, generator=g, dtype=torch.float64)
-    b = torch.randn(D, generator=g, dtype=torch.float64)
-    # exact posterior: cov = s^2 M^-1, mean = M^-1 W^T (x - b), with M = W^T W + s^2 I
-    M = W.T @ W + S**2 * torch.eye(Z, dtype=torch.float64)
-    A = torch.linalg.solve(M, W.T)  # (Z, D)
-    post_sd = (S**2 * torch.linalg.inv(M)).diagonal().sqrt()
-    with torch.no_grad():
-        vae.decoder.head.weight.copy_(W)
-        vae.decoder.head.bias.copy_(b)
-        head = vae.encoder.head  # outputs (loc, raw scale)
-        head.weight.zero_()
-        head.weight[:Z] = A + loc_noise * torch.randn(Z, D, generator=g, dtype=torch.float64)
-        head.bias[:Z] = -(A @ b)
-        raw = torch.log(torch.expm1(post_sd * scale_factor))  # softplus^-1
-        head.bias[Z:] = raw
-    return vae, W, b
-
-
-def exact_log_px(x, W, b):
-    cov = W @ W.T + S**2 * torch.eye(D, dtype=torch.float64)
-    return torch.distributions.MultivariateNormal(b, cov).log_prob(x)
+from .helpers import D, S, Z, exact_log_px, linear_gaussian_vae
 
 
 @pytest.fixture
 def ppca():
-    vae, W, b = linear_gaussian_vae()
+    vae, W, b, _ = linear_gaussian_vae()
     g = torch.Generator().manual_seed(1)
     z = torch.randn(200, Z, generator=g, dtype=torch.float64)
     x = z @ W.T + b + S * torch.randn(200, D, generator=g, dtype=torch.float64)
@@ -101,4 +71,4 @@ def test_log_weights_terms_are_each_a_log_density(ppca):
     assert torch.isfinite(lw.log_guide).all() and (scale > 0).all()
     # the prior term of each draw is log N(z; 0, I) <= -Z/2 log(2 pi)
     assert (lw.log_prior <= -Z / 2 * math.log(2 * math.pi) + 1e-9).all()
-    assert F.softplus(torch.zeros(1)).item() == pytest.approx(math.log(2))
+

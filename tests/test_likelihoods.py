@@ -7,26 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
-from pyro_vae import ConfigError, DataError, available_likelihoods, get_likelihood
+from pyro_vae import VAE, ConfigError, DataError, RunConfig, available_likelihoods, get_likelihood
 from pyro_vae.likelihoods import UnnormalizedBernoulli, register_likelihood
+from pyro_vae.runner.resolve import likelihood_for
 
-BUILT_IN = ["bernoulli", "bernoulli-relaxed", "continuous-bernoulli", "normal", "normal-fixed",
-            "beta"]
-
-
-def values_in_support(name, shape, generator):
-    lik = get_likelihood(name)
-    u = torch.rand(shape, generator=generator)
-    if lik.binary:
-        return (u > 0.5).float()
-    return lik.prepare_data(u)
+from .helpers import built_in_likelihoods, values_in_support
 
 
-def test_all_built_in_likelihoods_are_registered():
-    assert set(BUILT_IN) <= set(available_likelihoods())
+def test_the_documented_likelihoods_are_registered():
+    assert {"bernoulli", "bernoulli-relaxed", "continuous-bernoulli", "normal", "normal-fixed",
+            "beta"} <= set(available_likelihoods())
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("name", built_in_likelihoods())
 def test_distribution_has_pixel_batch_shape_and_finite_log_prob(name):
     lik = get_likelihood(name)
     g = torch.Generator().manual_seed(1)
@@ -113,10 +106,14 @@ def test_density_integrates_to_one_only_when_normalized(name, normalized):
     assert get_likelihood(name).normalized == normalized
 
 
-def test_bernoulli_on_gray_scale_data_is_relaxed_and_says_so():
-    assert get_likelihood("bernoulli", binary_data=False).name == "bernoulli-relaxed"
-    assert not get_likelihood("bernoulli", binary_data=False).normalized
-    assert get_likelihood("bernoulli", binary_data=True).name == "bernoulli"
+@pytest.mark.parametrize("binarize, expected", [("none", "bernoulli-relaxed"),
+                                               ("dynamic", "bernoulli"), (None, "bernoulli")])
+def test_bernoulli_on_gray_scale_data_is_relaxed(binarize, expected):
+    config = RunConfig()
+    config.data.binarize = binarize
+    assert likelihood_for(config).name == expected
+    assert likelihood_for(config).normalized == (expected == "bernoulli")
+    assert get_likelihood("bernoulli").name == "bernoulli"  # lookup alone has no policy
 
 
 def test_support_check_rejects_gray_scale_for_bernoulli_with_the_fix():
@@ -167,8 +164,6 @@ def test_a_likelihood_without_options_is_not_probed_with_dummy_inputs():
         if logits.shape[-1] != 16:
             raise ValueError("expects 16 pixels")
         return dist.ContinuousBernoulli(logits=logits)
-
-    from pyro_vae import VAE
 
     vae = VAE("test-shape-strict", x_dim=16, z_dim=2, hidden_dims=(8,))
     assert vae.decode(torch.zeros(3, 2)).batch_shape == (3, 16)

@@ -1,11 +1,13 @@
 """Quality parity with the PyTorch example's hand-written VAE (see docs/benchmarks.md)."""
 
 import pyro
+import pytest
 import torch
 
 from pyro_vae import RunConfig, train
-from pyro_vae.data import DeviceBatches, prepare_splits
-from pyro_vae.reference import ReferenceVAE, reference_test_elbo, train_reference_epoch
+from pyro_vae.data import DeviceBatches
+from pyro_vae.runner.resolve import resolve
+from scripts.reference import ReferenceVAE, reference_test_elbo, train_reference_epoch
 
 EPOCHS = 10
 
@@ -19,7 +21,8 @@ def config(elbo: str) -> RunConfig:
 
 def reference_elbo() -> float:
     pyro.set_rng_seed(0)
-    _, train_x, test_x = prepare_splits(config("trace"), torch.device("cpu"))
+    splits = resolve(config("trace"), torch.device("cpu"))
+    train_x, test_x = splits.train_x, splits.test_x
     vae = ReferenceVAE()
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     batches = DeviceBatches(train_x, 128, dynamic=True)
@@ -28,6 +31,7 @@ def reference_elbo() -> float:
     return reference_test_elbo(vae, test_x)
 
 
+@pytest.mark.slow
 def test_test_elbo_after_10_epochs_matches_the_plain_pytorch_loop():
     reference = reference_elbo()
     meanfield = train(config("meanfield"), progress=False).metrics[-1]["test_elbo"]

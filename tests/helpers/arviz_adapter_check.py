@@ -32,5 +32,9 @@ assert e.shape == (3, 4) and np.all(e > 300), e
 assert compat.ess(draws, "tail").shape == (3, 4)
 table = compat.summary(data)
 assert len(table) == 12 and "r_hat" in table.columns, table.columns
+# PSIS k-hat: ordered by the weights' tail index (k = 0.2, 1.0), on both versions
+light = compat.pareto_khat(np.log(rng.pareto(1 / 0.2, size=2000) + 1))
+heavy = compat.pareto_khat(np.log(rng.pareto(1 / 1.0, size=2000) + 1))
+assert light < 0.4 and heavy > 0.7, (light, heavy)
 print(f"arviz {compat.az.__version__} (major {compat.ARVIZ_MAJOR}) on Python "
       f"{sys.version.split()[0]}: ok")

@@ -5,8 +5,9 @@
 
 - the process group (NCCL on CUDA, Gloo on CPU) from torchrun's environment variables,
   and a clean teardown;
-- the ELBO as an ``nn.Module`` (:class:`ELBOLoss`) wrapped in ``DistributedDataParallel``,
-  so its ``forward`` runs through DDP and gradients are averaged across ranks. (Calling
+- :meth:`Context.wrap`: the objective (:class:`~pyro_vae.objective.Objective`, an
+  ``nn.Module`` whose ``forward`` is the loss) in ``DistributedDataParallel``, so the loss
+  runs through DDP's forward and gradients are averaged across ranks. (Calling
   ``vae.model`` / ``vae.guide`` directly would bypass DDP's forward: the ranks would train
   apart without any error.)
 - sums across ranks for the epoch's metrics, once per epoch.
@@ -24,24 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-class ELBOLoss(nn.Module):
-    """The negative ELBO of a VAE's model and guide as a module: ``forward(x) -> loss``.
-
-    The VAE is a submodule, so DDP sees (and broadcasts, and averages) its parameters.
-    """
-
-    def __init__(self, vae: nn.Module, elbo, num_data: int):
-        super().__init__()
-        self.vae, self.elbo, self.num_data = vae, elbo, num_data
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, self.num_data)
 
 
 @dataclass
@@ -70,8 +58,6 @@ class Context:
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
         if not self.distributed:
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
 

@@ -3,7 +3,8 @@
 This is the network and loss of PyTorch's ``examples/vae/main.py`` (784-400-20, ReLU,
 ``logvar`` head, binary cross-entropy summed over pixels plus the analytic KL), trained
 on the same device-resident tensor batches that pyro-vae uses. Benchmarks and the parity
-test train both side by side; nothing in the pyro-vae training path depends on it.
+test train both side by side. It is deliberately a plain PyTorch loop with its own
+``backward``: the anchor that pyro-vae's one training step is measured against.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DeviceBatches
-from .evaluate import fixed_noise
+from pyro_vae.data import DeviceBatches
+from pyro_vae.estimators import fixed_noise
 
 
 class ReferenceVAE(nn.Module):

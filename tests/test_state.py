@@ -6,14 +6,20 @@ import pytest
 import torch
 
 from pyro_vae import CheckpointError, RunConfig, load_run, train
-from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.runner.state import TrainingState, load_state, save_state
 
-from .test_train import tiny_config
+from .helpers import tiny_config
+
+
+def state(epoch_: int, **changes) -> TrainingState:
+    fields = {"config": RunConfig().to_dict(), "epoch": epoch_, "model": {"w": torch.ones(3)},
+              "optimizer": {}, "rng": {"torch": torch.get_rng_state()}, "partial": None}
+    return TrainingState(**(fields | changes))
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+    save_state(path, state(1))
 
     def failing_save(obj, f):
         f.write(b"partial")
@@ -21,9 +27,9 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
-        save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+        save_state(path, state(2))
     monkeypatch.undo()
-    assert load_checkpoint(path)["epoch"] == 1
+    assert load_state(path).epoch == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # the temporary file is gone
 
 
@@ -41,7 +47,7 @@ def test_hostile_pickle_is_refused_and_its_code_does_not_run(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"format": 1, "model": _RunsCode(str(marker))}, f)
     with pytest.raises(CheckpointError, match="could run code"):
-        load_checkpoint(path)
+        load_state(path)
     assert not marker.exists()
 
 
@@ -50,16 +56,42 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+        load_state(path)
     assert "\n" not in str(info.value)
 
 
 def test_missing_checkpoint_and_foreign_format(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_checkpoint(tmp_path / "nope.pt")
+        load_state(tmp_path / "nope.pt")
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a pyro-vae checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+        load_state(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"epoch": -1}, "epoch"),
+    ({"model": {"w": "not a tensor"}}, "model"),
+    ({"config": ["a", "list"]}, "config"),
+    ({"rng": {}}, "RNG"),
+    ({"partial": {"step": 3}}, "interrupted epoch"),
+])
+def test_checkpoint_contents_are_checked_before_use(tmp_path, damage, message):
+    path = tmp_path / "checkpoint.pt"
+    save_state(path, state(1, **damage))
+    with pytest.raises(CheckpointError, match=message):
+        load_state(path)
+
+
+def test_checkpoint_missing_a_key_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": 1, "epoch": 1}, path)
+    with pytest.raises(CheckpointError, match="no config, model"):
+        load_state(path)
+
+
+def test_checkpoint_is_readable_like_its_neighbours(tmp_path):
+    save_state(tmp_path / "checkpoint.pt", state(1))
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
 
 
 def test_checkpoint_of_another_model_is_refused_on_resume_and_load(tmp_path):
@@ -69,7 +101,7 @@ def test_checkpoint_of_another_model_is_refused_on_resume_and_load(tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="another model"):
         train(resume=tmp_path / "run", epochs=2, progress=False)
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="another model"):
         load_run(tmp_path / "run")
 
 

@@ -1,0 +1,120 @@
+"""The one place where data meets model.
+
+A :class:`~pyro_vae.config.RunConfig` names a data set, a binarization and a likelihood;
+here they are resolved against each other once: ``auto`` settings get their values (the
+data set actually loaded, the binarization the likelihood needs, the image size), a binary
+likelihood asked to score gray-scale pixels is replaced by its relaxed counterpart (with
+a warning), the images are binarized and checked against the likelihood's support, and
+the VAE is built to fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .. import seeds
+from ..config import RunConfig
+from ..data import Dataset, binarize, check_pixels, load_dataset
+from ..errors import ConfigError
+from ..likelihoods import Likelihood, get_likelihood
+from ..model import VAE
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else the CPU; ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("TrainConfig.device is cuda, but no CUDA device is available; "
+                          "use TrainConfig.device = 'cpu'")
+    return torch.device(name)
+
+
+def binarize_mode(config: RunConfig) -> str:
+    """The binarization in effect: the setting, or the likelihood's default."""
+    if config.data.binarize is not None:
+        return config.data.binarize
+    return "dynamic" if get_likelihood(config.model.likelihood).binary else "none"
+
+
+def likelihood_for(config: RunConfig) -> Likelihood:
+    """The likelihood that scores the data: the configured one, or, for a binary one on
+    gray-scale pixels (``binarize="none"``), its relaxed counterpart."""
+    likelihood = get_likelihood(config.model.likelihood)
+    if likelihood.binary and binarize_mode(config) == "none":
+        if likelihood.relaxed is None:
+            raise ConfigError(f"likelihood '{likelihood.name}' scores binary pixels only; set "
+                              "DataConfig.binarize to 'dynamic' or 'static'")
+        return get_likelihood(likelihood.relaxed)
+    return likelihood
+
+
+def check_config(config: RunConfig) -> RunConfig:
+    """Validate every setting, the likelihood's name and options included; return config."""
+    config.validate()
+    likelihood = likelihood_for(config)
+    likelihood.check_options(config.model.likelihood_options)
+    return config
+
+
+def build_vae(config: RunConfig) -> VAE:
+    """The VAE described by a resolved :class:`RunConfig` (as saved in a run folder)."""
+    m = config.model
+    return VAE(likelihood_for(config), x_dim=m.x_dim, z_dim=m.z_dim,
+               hidden_dims=m.hidden_dims, activation=m.activation,
+               likelihood_options=m.likelihood_options)
+
+
+@dataclass
+class Splits:
+    """A run's data as its likelihood scores it, on the training device.
+
+    ``train_x`` stays gray-scale under dynamic binarization (each batch is binarized
+    afresh); ``test_x`` is binarized once with a fixed seed whenever the training data is
+    binarized, so evaluations repeat, on every device alike.
+    """
+
+    data: Dataset  # the data set as loaded (CPU, gray-scale), with labels
+    train_x: torch.Tensor  # (N, D)
+    test_x: torch.Tensor  # (M, D)
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        return self.data.test_y
+
+
+def resolve(config: RunConfig, device: torch.device) -> Splits:
+    """Load, binarize and check the data of ``config``; fill in its ``auto`` settings.
+
+    Sets ``config.data.dataset`` (the data set loaded), ``config.data.binarize`` and
+    ``config.model.x_dim``; warns once if a binary likelihood scores gray-scale pixels.
+    """
+    data = load_dataset(config.data)
+    if config.data.dataset == "auto":
+        log.info("DataConfig.dataset auto resolved to %s", data.name)
+    config.data.dataset = data.name
+    mode = config.data.binarize = binarize_mode(config)
+    config.model.x_dim = data.train_x.shape[1]
+    likelihood = likelihood_for(config)
+    if likelihood.name != config.model.likelihood:
+        log.warning("likelihood %s on gray-scale pixels (binarize none) is scored with %s, "
+                    "which is not normalized: the ELBO is then not a bound on a "
+                    "log-likelihood", config.model.likelihood, likelihood.name)
+    seed = config.data.binarize_seed
+    train_x, test_x = data.train_x, data.test_x
+    if mode == "static":
+        train_x = binarize(train_x, seeds.static_binarization(seed))
+    if mode != "none":
+        test_x = binarize(test_x, seeds.test_binarization(seed))
+    train_x, test_x = train_x.to(device), test_x.to(device)
+    if mode == "dynamic":
+        check_pixels(train_x, "training data")
+    else:
+        likelihood.check_support(train_x, "training data")
+    likelihood.check_support(test_x, "test data")
+    return Splits(data, train_x, test_x)

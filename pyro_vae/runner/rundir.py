@@ -1,0 +1,179 @@
+"""The run folder, and the :class:`Run` that users get back.
+
+A run folder holds ``config.json`` (the resolved settings), ``metrics.jsonl`` (one JSON
+line per epoch), ``checkpoint.pt`` (:mod:`~pyro_vae.runner.state`) and ``figures/``.
+Metrics lines are appended and fsynced one epoch at a time, and the checkpoint is written
+atomically after its epoch's line, so a crash never leaves a line that the checkpoint does
+not cover unnoticed: on resume, lines beyond the checkpoint's epoch are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..errors import CheckpointError, RunDirError
+from ..model import VAE
+from .resolve import Splits, build_vae, resolve
+from .state import check_matches, load_state
+
+log = logging.getLogger(__name__)
+
+CONFIG, METRICS, CHECKPOINT, FIGURES = "config.json", "metrics.jsonl", "checkpoint.pt", "figures"
+# what a run writes besides the above; a replaced run loses these too
+_OUTPUTS = ("eval.json", "diagnostics.json")
+
+
+class RunDir:
+    """Paths and file operations of one run folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = self.path / CONFIG
+        self.metrics = self.path / METRICS
+        self.checkpoint = self.path / CHECKPOINT
+        self.figures = self.path / FIGURES
+
+    def holds_run(self) -> bool:
+        return self.config.exists() or self.checkpoint.exists() or self.metrics.exists()
+
+    def check_claimable(self, force: bool = False) -> None:
+        """Raise :class:`RunDirError` unless a new run may be written here (changes nothing)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} is a file, not a folder; choose another out folder")
+        if self.holds_run() and not force:
+            raise RunDirError(
+                f"{self.path} holds another run; continue it with resume={self.path}, "
+                "replace it with force=True, or choose another out folder"
+            )
+
+    def claim(self, force: bool = False) -> None:
+        """Create the folder for a new run; with ``force``, remove the old run's files."""
+        self.check_claimable(force)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"cannot write to {self.path} ({e.strerror}); "
+                              "choose a writable out folder") from None
+        if force:
+            for old in (self.metrics, self.checkpoint, self.config,
+                        *(self.path / name for name in _OUTPUTS)):
+                old.unlink(missing_ok=True)
+            shutil.rmtree(self.figures, ignore_errors=True)
+
+    def write_config(self, config: RunConfig) -> None:
+        tmp = self.config.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        os.replace(tmp, self.config)
+
+    def read_config(self) -> RunConfig:
+        if not self.config.is_file():
+            raise CheckpointError(f"{self.path} is not a run folder (no {CONFIG}); "
+                                  "point at a folder written by pyro-vae train")
+        try:
+            return RunConfig.from_dict(json.loads(self.config.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.config} is not valid JSON ({type(e).__name__}); "
+                                  "restore it or start a new run") from None
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        line = json.dumps(_strict_json(record), allow_nan=False)
+        with open(self.metrics, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every well-formed metrics line (objects with an ``epoch``); others are reported."""
+        if not self.metrics.is_file():
+            return []
+        records, damaged = [], 0
+        for line in self.metrics.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                records.append(record)
+            elif line.strip():
+                damaged += 1
+        if damaged:
+            log.warning("%s: skipped %d damaged line(s)", self.metrics, damaged)
+        return records
+
+    def truncate_metrics(self, epoch: int) -> list[dict[str, Any]]:
+        """Keep the lines of epochs ``<= epoch`` (the checkpoint's); return them."""
+        kept = [r for r in self.read_metrics() if r["epoch"] <= epoch]
+        tmp = self.metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics)
+        return kept
+
+
+def _strict_json(record: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats (not JSON) become ``None``: recorded as missing, explicitly."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
+
+
+@dataclass
+class Run:
+    """A trained run: settings, model (in eval mode), metrics per epoch, and its data.
+
+    ``splits`` (the data as the likelihood scores it, on the model's device) is loaded on
+    first use of :attr:`data` and kept, so figures and evaluations never reload it.
+    """
+
+    path: Path | None
+    config: RunConfig
+    vae: VAE
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    splits: Splits | None = None
+    interrupted: bool = False
+    partial_step: int | None = None  # steps done in the epoch after ``epoch``, if stopped
+
+    @property
+    def epoch(self) -> int:
+        """The last finished epoch."""
+        return self.metrics[-1]["epoch"] if self.metrics else 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def data(self) -> Splits:
+        if self.splits is None:
+            self.splits = resolve(self.config, self.device)
+        return self.splits
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
+    """Load a run folder: config, model weights from the last checkpoint, metrics."""
+    run_dir = RunDir(path)
+    config = run_dir.read_config()
+    state = load_state(run_dir.checkpoint, map_location=device)
+    check_matches(config, state, str(run_dir.path))
+    vae = build_vae(config)
+    try:
+        vae.load_state_dict(state.model)
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{run_dir.checkpoint} does not fit the model in {CONFIG} "
+                              f"({str(e).splitlines()[0][:160]}); was it copied from another run?"
+                              ) from None
+    vae.to(device).eval()
+    metrics = [r for r in run_dir.read_metrics() if r["epoch"] <= state.epoch]
+    partial = state.partial["step"] if state.partial is not None else None
+    return Run(run_dir.path, config, vae, metrics, partial_step=partial)

@@ -1,0 +1,239 @@
+"""Stochastic variational inference: :func:`train` fits a VAE and writes its run folder.
+
+The steps, in order: check every setting, load and resolve the data, claim the run folder
+(only now is anything written or replaced), build the VAE, its
+:class:`~pyro_vae.objective.Objective` and :class:`~pyro_vae.runner.trainer.Trainer`, then
+per epoch: train, evaluate the test ELBO, append a metrics line, write the checkpoint.
+SIGINT (Ctrl-C) and SIGTERM stop training between two steps and save a mid-epoch
+checkpoint that resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from .. import seeds
+from ..config import RunConfig
+from ..data import DeviceBatches
+from ..errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
+from ..objective import Objective, make_elbo
+from .distributed import Context, init_from_env
+from .resolve import build_vae, check_config, resolve, resolve_device
+from .rundir import Run, RunDir
+from .signals import StopRequest
+from .state import (
+    EpochProgress,
+    TrainingState,
+    capture_rng,
+    check_matches,
+    load_state,
+    restore_rng,
+    save_state,
+)
+from .trainer import Diverged, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    config: RunConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    epochs: int | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+) -> Run:
+    """Train a VAE; return the :class:`~pyro_vae.runner.rundir.Run`.
+
+    Parameters
+    ----------
+    config:
+        Settings for a new run (default: :class:`RunConfig` defaults). Ignored on resume,
+        where the run folder's ``config.json`` is used.
+    out:
+        Run folder to write; ``None`` trains in memory only.
+    resume:
+        A run folder to continue from its last checkpoint, up to ``epochs`` in total.
+    epochs:
+        Total epochs (overrides ``config.train.epochs``).
+    force:
+        Replace the run held by ``out`` instead of refusing.
+    progress:
+        Show a progress bar (default: when stderr is a terminal).
+    """
+    state = None
+    if resume is not None:
+        run_dir = RunDir(resume)
+        config = run_dir.read_config()
+        state = load_state(run_dir.checkpoint)
+        check_matches(config, state, str(run_dir.path))
+    else:
+        config = RunConfig.from_dict(config.to_dict()) if config is not None else RunConfig()
+        run_dir = RunDir(out) if out is not None else None
+    if epochs is not None:
+        config.train.epochs = epochs
+    check_config(config)
+    if state is not None and config.train.epochs < state.epoch:
+        raise ConfigError(f"TrainConfig.epochs is {config.train.epochs}, but the run in "
+                          f"{run_dir.path} has finished {state.epoch} epochs already; "
+                          "ask for at least that many")
+    device = resolve_device(config.train.device)
+    ctx = init_from_env(device)
+    try:
+        return _train(config, ctx, ctx.device(device), run_dir, state, force, progress)
+    finally:
+        ctx.close()
+
+
+def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
+           state: TrainingState | None, force: bool, progress: bool | None) -> Run:
+    writer = run_dir if ctx.is_main else None  # the process that writes the run folder
+    splits = resolve(config, device)  # before anything is written: bad data changes nothing
+    failure = None
+    if writer is not None and state is None:
+        try:
+            writer.claim(force=force)
+        except RunDirError as e:
+            failure = e
+    if ctx.any(failure is not None, device):
+        raise failure or RunDirError("rank 0 could not use the run folder; see its message")
+
+    pyro.set_rng_seed(seeds.process(config.train.seed, ctx.rank))  # noise per rank
+    vae = build_vae(config).to(device)
+    num_data = len(splits.train_x)
+    objective = Objective(vae, make_elbo(config.train), num_data)
+    trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
+                      nan_policy=config.train.nan_policy,
+                      module=ctx.wrap(objective, device) if ctx.distributed else None)
+    history: list[dict] = []
+    start_epoch, partial = 0, None
+    if state is not None:
+        _restore(state, vae, trainer, run_dir)
+        start_epoch, partial = state.epoch, state.partial
+        history = run_dir.truncate_metrics(start_epoch) if writer else []
+        if partial is not None and ctx.distributed:
+            log.warning("the checkpoint stopped inside epoch %d; with torchrun that epoch "
+                        "restarts from its first step", start_epoch + 1)
+            partial = None
+        log.info("resuming %s after epoch %d%s", run_dir.path, start_epoch,
+                 f" (step {partial['step']} of epoch {start_epoch + 1})" if partial else "")
+    if writer is not None:
+        writer.write_config(config)
+
+    batches = DeviceBatches(splits.train_x, config.train.batch_size,
+                            dynamic=config.data.binarize == "dynamic",
+                            seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+    test_x = splits.test_x[ctx.rank :: ctx.world_size]
+    run = Run(run_dir.path if run_dir else None, config, vae, history, splits)
+    show = ctx.is_main and (progress if progress is not None else _stderr_is_terminal())
+
+    def checkpoint(epoch: int, progress_: EpochProgress | None = None) -> None:
+        save_state(writer.checkpoint, TrainingState(
+            config.to_dict(), epoch, vae.state_dict(), trainer.optimizer.state_dict(),
+            capture_rng(), progress_.to_dict() if progress_ is not None else None))
+
+    with StopRequest().installed() as stop:
+        for epoch in range(start_epoch + 1, config.train.epochs + 1):
+            if ctx.distributed:  # noise per (rank, epoch): resumable on any world size
+                torch.manual_seed(seeds.rank_epoch(config.train.seed, epoch, ctx.rank))
+            begun = (EpochProgress.from_dict(partial, device) if partial is not None
+                     else EpochProgress(batches.permutation(epoch)))
+            partial = None
+            bar = tqdm(total=len(batches), initial=begun.step, leave=False, unit="batch",
+                       desc=f"epoch {epoch}/{config.train.epochs}", disable=not show)
+            try:
+                done = trainer.fit_epoch(
+                    batches, begun, bar=bar,
+                    should_stop=(lambda: False) if ctx.distributed else (lambda: stop.requested))
+            except Diverged as e:
+                failed = True
+                step = e.step
+            else:
+                failed, step = False, done.step
+            finally:
+                bar.close()
+            if ctx.any(failed, device):
+                raise _diverged(epoch, step if failed else 0, len(batches), writer)
+            if done.step < len(batches):  # stopped by a signal, between two steps
+                if writer is not None:
+                    checkpoint(epoch - 1, done)
+                    log.warning("stopped in epoch %d at step %d of %d; saved", epoch,
+                                done.step, len(batches))
+                run.interrupted = True
+                break
+            if done.skipped_steps:
+                log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or "
+                            "gradient", epoch, done.skipped_steps, len(batches))
+            record = _record(epoch, done, trainer, vae, test_x, batches, ctx, config,
+                             len(splits.test_x))
+            history.append(record)
+            if writer is not None:
+                writer.append_metrics(record)
+                checkpoint(epoch)
+            log.info("epoch %d: train ELBO %.2f, test ELBO %.2f nats/image (%.1f s)",
+                     epoch, record["train_elbo"], record["test_elbo"], record["seconds"])
+            if ctx.any(stop.requested, device) and epoch < config.train.epochs:
+                run.interrupted = True
+                break
+    vae.eval()
+    return run
+
+
+def _restore(state: TrainingState, vae, trainer: Trainer, run_dir: RunDir) -> None:
+    try:
+        vae.load_state_dict(state.model)
+        trainer.load_state_dict(state.optimizer)
+        restore_rng(state.rng)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{run_dir.checkpoint} does not fit the model in its "
+                              f"config.json ({str(e).splitlines()[0][:120]}); restore the "
+                              "matching checkpoint") from None
+
+
+def _record(epoch, done: EpochProgress, trainer: Trainer, vae, test_x, batches, ctx, config,
+            num_test: int) -> dict:
+    """The epoch's metrics line: the test ELBO, then one read of every sum, summed over
+    ranks (one transfer per epoch)."""
+    test = trainer.evaluate_epoch(vae, test_x, config.train.eval_batch_size,
+                                  seed=seeds.elbo_noise(config.train.seed))
+    sums = ctx.sum(torch.cat([done.loss_sum.reshape(1), test,
+                              torch.tensor([float(done.skipped_steps)], device=test.device)]))
+    loss_sum, elbo_sum, lik_sum, kl_sum, skipped = sums.tolist()
+    trained = batches.num_local * ctx.world_size - skipped * batches.batch_size
+    return {
+        "epoch": epoch,
+        "train_elbo": -loss_sum / max(trained, 1),  # exact unless a last, smaller batch skipped
+        "test_elbo": elbo_sum / num_test,
+        "test_log_likelihood": lik_sum / num_test,
+        "test_kl": kl_sum / num_test,
+        "seconds": done.seconds,
+        "images_per_second": batches.num_local * ctx.world_size / done.seconds,
+        "skipped_steps": int(skipped),
+    }
+
+
+def _diverged(epoch: int, step: int, num_steps: int, run_dir: RunDir | None
+              ) -> TrainingDiverged:
+    if run_dir is None:
+        kept = "nothing was written"
+    elif epoch == 1:
+        kept = f"nothing of this run is checkpointed yet in {run_dir.path}"
+    else:
+        kept = f"{run_dir.path} still holds epoch {epoch - 1}, untouched"
+    return TrainingDiverged(
+        f"non-finite loss or gradient in epoch {epoch} at step {step + 1} of {num_steps}; "
+        f"{kept}. Likely causes: a learning rate too high (lower TrainConfig.lr), data "
+        "outside the likelihood's support, or a collapsing learned scale; or train with "
+        "TrainConfig.nan_policy = 'skip'"
+    )
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr is not None and sys.stderr.isatty()

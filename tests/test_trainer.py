@@ -1,0 +1,212 @@
+"""The one training step: the sync-free ELBOs, eager vs traced vs CUDA-graph steps,
+validation of every batch shape, and no host synchronisation inside steps."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch.overrides import TorchFunctionMode
+
+from pyro_vae import (
+    VAE,
+    Objective,
+    SyncFreeTrace_ELBO,
+    SyncFreeTraceMeanField_ELBO,
+    Trainer,
+    register_likelihood,
+    train,
+)
+from pyro_vae.data import DeviceBatches
+from pyro_vae.runner.state import EpochProgress
+from pyro_vae.runner.trainer import Diverged
+
+from .helpers import built_in_likelihoods, comparable, tiny_config, values_in_support
+
+PAIRS = [(Trace_ELBO, SyncFreeTrace_ELBO), (TraceMeanField_ELBO, SyncFreeTraceMeanField_ELBO)]
+
+
+def small_vae(likelihood="bernoulli"):
+    return VAE(likelihood, x_dim=16, z_dim=3, hidden_dims=(8,))
+
+
+def loss_and_grads(vae, elbo, x, seed, num_data=None):
+    pyro.set_rng_seed(seed)
+    loss = elbo.differentiable_loss(vae.model, vae.guide, x, num_data)
+    grads = torch.autograd.grad(loss, list(vae.parameters()))
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("pyro_elbo, ours", PAIRS, ids=["trace", "meanfield"])
+@pytest.mark.parametrize("particles", [1, 3])
+@pytest.mark.parametrize("name", built_in_likelihoods())
+def test_sync_free_elbo_equals_pyros_value_and_gradient(name, particles, pyro_elbo, ours):
+    vae = small_vae(name)
+    x = values_in_support(name, (5, 16), torch.Generator().manual_seed(0))
+    options = {"num_particles": particles, "vectorize_particles": particles > 1,
+               "max_plate_nesting": 1}
+    expected, expected_grads = loss_and_grads(vae, pyro_elbo(**options), x, 1, num_data=50)
+    value, grads = loss_and_grads(vae, ours(**options), x, 1, num_data=50)
+    # same draws, same terms; Pyro adds them up as Python floats: float32 rounding apart
+    torch.testing.assert_close(value, expected, rtol=2e-6, atol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_sync_free_elbo_keeps_the_score_function_surrogate():
+    """A guide site without reparameterization: value and gradient equal Pyro's."""
+    logit = torch.tensor(0.3, requires_grad=True)
+
+    def model():
+        c = pyro.sample("c", dist.Bernoulli(0.4))
+        pyro.sample("x", dist.Normal(2.0 * c, 1.0), obs=torch.tensor(1.5))
+
+    def guide():
+        pyro.sample("c", dist.Bernoulli(logits=logit))
+
+    def value_and_grad(elbo):
+        pyro.set_rng_seed(3)
+        loss = elbo.differentiable_loss(model, guide)
+        return loss.detach(), torch.autograd.grad(loss, logit)[0]
+
+    for pyro_elbo, ours in PAIRS[:1]:
+        (v, g), (ev, eg) = value_and_grad(ours()), value_and_grad(pyro_elbo())
+        torch.testing.assert_close(v, ev)
+        torch.testing.assert_close(g, eg)
+        assert g != 0
+
+
+def trainer_pair(name="bernoulli"):
+    """Two identical VAEs with a fast and an eager trainer each."""
+    torch.manual_seed(0)
+    a = small_vae(name)
+    b = small_vae(name)
+    b.load_state_dict(a.state_dict())
+    make = lambda vae, fast: Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1),  # noqa: E731
+                                               num_data=64), 1e-2, fast=fast)
+    return (a, make(a, True)), (b, make(b, False))
+
+
+def test_traced_steps_equal_eager_steps_bit_for_bit():
+    (fast_vae, fast), (eager_vae, eager) = trainer_pair()
+    assert fast.mode == "traced" and eager.mode == "eager"
+    x = torch.bernoulli(torch.full((8, 16), 0.4))
+    for step in range(5):
+        torch.manual_seed(step)
+        loss_fast, finite = fast.step(x)
+        torch.manual_seed(step)
+        loss_eager, _ = eager.step(x)
+        assert torch.equal(loss_fast, loss_eager) and bool(finite)
+    for p, q in zip(fast_vae.parameters(), eager_vae.parameters()):
+        assert torch.equal(p, q)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host (a sync on a GPU)."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy",
+             "nonzero", "__format__"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["traced", "eager"])
+def test_steps_after_the_first_read_nothing_back_from_the_device(fast):
+    (vae, trainer), _ = trainer_pair()
+    if not fast:
+        trainer = Trainer(trainer.objective, 1e-2, fast=False)
+    x = torch.bernoulli(torch.full((8, 16), 0.4))
+    trainer.step(x)  # validates and traces this batch shape
+    with HostReads() as reads:
+        for _ in range(3):
+            trainer.step(x)
+    assert reads.calls == []
+
+
+def test_the_host_read_counter_sees_pyros_own_syncs():
+    """The check above can fail: Pyro's Trace_ELBO reads every site's sum back."""
+    vae = small_vae()
+    x = torch.bernoulli(torch.full((8, 16), 0.4))
+    with HostReads() as reads:
+        Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    assert "item" in reads.calls
+
+
+def test_every_new_batch_shape_is_validated_before_its_first_step():
+    @register_likelihood("test-negative-scale", overwrite=True,
+                         support=dist.constraints.real)
+    def negative(loc):
+        return dist.Normal(loc, -torch.ones_like(loc))  # invalid: validation must say so
+
+    vae = small_vae("test-negative-scale")
+    trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1)), 1e-2)
+    before = [p.detach().clone() for p in vae.parameters()]
+    with pytest.raises(ValueError, match="scale"):
+        trainer.step(torch.randn(4, 16))
+    assert all(torch.equal(b, p) for b, p in zip(before, vae.parameters()))  # no update
+
+
+def test_an_epoch_with_a_last_smaller_batch_trains_on_every_image():
+    (vae, trainer), _ = trainer_pair()
+    x = torch.bernoulli(torch.full((70, 16), 0.4))
+    batches = DeviceBatches(x, 32)
+    done = trainer.fit_epoch(batches, EpochProgress(batches.permutation(1)))
+    assert done.step == 3 == len(batches)  # 32 + 32 + 6, none dropped
+    assert torch.isfinite(done.loss_sum) and done.loss_sum > 0
+
+
+def test_a_non_finite_step_in_a_replayed_graph_is_caught_at_the_end_of_the_epoch():
+    (vae, trainer), _ = trainer_pair()
+    x = torch.bernoulli(torch.full((64, 16), 0.4))
+    batches = DeviceBatches(x, 16)
+    trainer.step(x[:16])  # traced
+    with torch.no_grad():
+        vae.decoder.head.bias[0] = float("nan")
+    with pytest.raises(Diverged) as info:
+        trainer.fit_epoch(batches, EpochProgress(batches.permutation(1)))
+    assert info.value.step == 0
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="needs a CUDA device (the CUDA-graph step and the GPU "
+                                 "sync check run where one exists)")
+
+
+@cuda
+def test_an_epoch_on_cuda_makes_no_host_sync():
+    (vae, trainer), _ = trainer_pair()
+    vae.cuda()
+    trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=512),
+                      1e-2)
+    assert trainer.mode == "cuda-graph"
+    x = torch.bernoulli(torch.full((512, 16), 0.4, device="cuda"))
+    batches = DeviceBatches(x, 64, dynamic=True)
+    for batch in batches.batches(batches.permutation(0)):
+        trainer.step(batch)  # warm-up: validation and capture
+    progress = EpochProgress(batches.permutation(1))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for index in batches.indices(progress.perm):
+            trainer.step(batches.gather(index))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_cuda_graph_training_matches_eager_training_and_resumes_exactly(tmp_path):
+    graph = train(tiny_config(epochs=2, device="cuda"), tmp_path / "g", progress=False)
+    eager = train(tiny_config(epochs=2, device="cuda", fast_step=False), progress=False)
+    for a, b in zip(graph.metrics, eager.metrics):  # same noise, same arithmetic order
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], abs=0.5)
+    train(tiny_config(epochs=1, device="cuda"), tmp_path / "r", progress=False)
+    resumed = train(resume=tmp_path / "r", epochs=2, progress=False)
+    assert comparable(resumed.metrics) == comparable(graph.metrics)
