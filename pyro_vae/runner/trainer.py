@@ -164,7 +164,8 @@ class Trainer:
 
     def _traced_step(self, key, x):
         replay = self._replays.get(key) or self._trace(key, x)
-        loss, *grads = replay(*self._state_values(), x)
+        with torch.no_grad():  # the graph holds the backward pass: nothing to record
+            loss, *grads = replay(*self._state_values(), x)
         for p, g in zip(self.params, grads):
             p.grad = g
         finite = self._finite(loss, grads)
