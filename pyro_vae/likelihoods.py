@@ -11,7 +11,6 @@ declares
   default), and ``relaxed``: the likelihood used instead when such a likelihood is asked
   to score gray-scale pixels;
 - ``normalized``: whether ``log_prob`` is a normalized log density or log mass;
-- ``prepare``: an optional, documented map of pixels in [0, 1] into the support.
 
 The mean of the distribution (``Distribution.mean``) is what pictures show: for the
 continuous Bernoulli it differs from its parameter (Loaiza-Ganem & Cunningham, 2019).
@@ -41,12 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
+from .distributions import AffineBeta, ContinuousBernoulli, OpenInterval, UnnormalizedBernoulli
 from .errors import ConfigError, DataError
 
 __all__ = [
     "Likelihood",
-    "OpenInterval",
-    "UnnormalizedBernoulli",
     "available_likelihoods",
     "get_likelihood",
     "register_likelihood",
@@ -64,7 +62,6 @@ class Likelihood:
     binary: bool = False
     relaxed: str | None = None
     normalized: bool = True
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
     description: str = ""
 
     def distribution(self, raw: torch.Tensor, **options) -> dist.Distribution:
@@ -73,10 +70,6 @@ class Likelihood:
         Returns a distribution with batch shape ``(..., D)``.
         """
         return self.build(*raw.unbind(-2), **options)
-
-    def prepare_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Map pixels in [0, 1] into the support (identity unless ``prepare`` is set)."""
-        return x if self.prepare is None else self.prepare(x)
 
     def check_options(self, options: dict) -> None:
         """Raise :class:`ConfigError` for an option the builder rejects, by name or value."""
@@ -98,12 +91,11 @@ class Likelihood:
             raise ConfigError(f"likelihood '{self.name}' rejects options {options}: {e}") from None
 
     def check_support(self, x: torch.Tensor, what: str = "data") -> None:
-        """Raise :class:`DataError` if prepared ``x`` lies outside the support.
+        """Raise :class:`DataError` if ``x`` lies outside the support.
 
         Called once per data set (not per step), so training stays free of host syncs.
         """
-        y = self.prepare_data(x)
-        if bool(self.support.check(y).all()):
+        if bool(self.support.check(x).all()):
             return
         lo, hi = float(x.min()), float(x.max())
         if self.binary:
@@ -127,7 +119,6 @@ def register_likelihood(
     binary: bool = False,
     relaxed: str | None = None,
     normalized: bool = True,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     overwrite: bool = False,
 ):
     """Decorator registering ``build(*params, **options) -> Distribution`` under ``name``.
@@ -154,7 +145,6 @@ def register_likelihood(
             binary=binary,
             relaxed=relaxed,
             normalized=normalized,
-            prepare=prepare,
             description=(inspect.getdoc(build) or "").split("\n")[0],
         )
         return build
@@ -178,20 +168,6 @@ def get_likelihood(name: str) -> Likelihood:
         ) from None
 
 
-class OpenInterval(constraints.Constraint):
-    """The open interval (lower, upper); torch's Beta claims the closed unit interval."""
-
-    def __init__(self, lower_bound: float, upper_bound: float):
-        super().__init__()
-        self.lower_bound, self.upper_bound = lower_bound, upper_bound
-
-    def check(self, value):
-        return (value > self.lower_bound) & (value < self.upper_bound)
-
-    def __repr__(self):
-        return f"OpenInterval({self.lower_bound:g}, {self.upper_bound:g})"
-
-
 def _describe(support: constraints.Constraint) -> str:
     if support is constraints.boolean:
         return "{0, 1}"
@@ -202,44 +178,6 @@ def _describe(support: constraints.Constraint) -> str:
     if isinstance(support, constraints.interval):
         return f"[{support.lower_bound:g}, {support.upper_bound:g}]"
     return repr(support)
-
-
-# ---------------------------------------------------------------------------
-# Distributions that torch does not provide.
-
-
-class UnnormalizedBernoulli(dist.ContinuousBernoulli):
-    r"""The Bernoulli formula applied to values in [0, 1]: NOT a normalized density.
-
-    ``log_prob(x) = x log(lambda) + (1 - x) log(1 - lambda)``, i.e. minus the binary
-    cross-entropy that the PyTorch VAE example uses on gray-scale pixels. Integrated over
-    [0, 1] its exponential is ``1 / C(lambda) <= 1``, where ``C`` is the continuous
-    Bernoulli's normalizer (Loaiza-Ganem & Cunningham, 2019), so an ELBO built on it is
-    not a bound on a log-likelihood. It has no samples; its ``mean`` is ``lambda``, the
-    value such models display.
-    """
-
-    def log_prob(self, value):
-        if self._validate_args:
-            self._validate_sample(value)
-        logits, value = torch.broadcast_tensors(self.logits, value)
-        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none")
-
-    @property
-    def mean(self):
-        return self.probs
-
-    def log_normalizer(self):
-        """``log C(lambda)`` per pixel: what :meth:`log_prob` leaves out."""
-        return self._cont_bern_log_norm()
-
-    def sample(self, sample_shape=()):
-        raise NotImplementedError(
-            "the relaxed Bernoulli is not a distribution and has no samples; "
-            "show its mean, or use the continuous Bernoulli"
-        )
-
-    rsample = sample
 
 
 # ---------------------------------------------------------------------------
@@ -263,8 +201,8 @@ def bernoulli_relaxed(logits):
 
 @register_likelihood("continuous-bernoulli")
 def continuous_bernoulli(logits):
-    """Continuous Bernoulli on [0, 1] (Loaiza-Ganem & Cunningham, 2019)."""
-    return dist.ContinuousBernoulli(logits=logits)
+    """Continuous Bernoulli on [0, 1] (Loaiza-Ganem & Cunningham, 2019), exact for all logits."""
+    return ContinuousBernoulli(logits=logits)
 
 
 @register_likelihood("normal", num_params=2, support=constraints.real)
@@ -281,16 +219,15 @@ def normal_fixed(loc, scale: float = 0.1):
     return dist.Normal(loc, torch.full_like(loc, scale))
 
 
-def _to_bin_centres(x: torch.Tensor) -> torch.Tensor:
-    # 0, 1/255, ..., 1  ->  1/512, ..., 511/512: the centres of 256 equal bins of [0, 1]
-    return x * (255.0 / 256.0) + 1.0 / 512.0
+# pixels 0, 1/255, ..., 1 are the centres of 256 equal bins of (0, 1) under y = a x + b
+_BIN_SCALE, _BIN_SHIFT = 255.0 / 256.0, 1.0 / 512.0
 
 
-@register_likelihood("beta", num_params=2, support=OpenInterval(0.0, 1.0),
-                     prepare=_to_bin_centres)
+@register_likelihood("beta", num_params=2,
+                     support=OpenInterval(-_BIN_SHIFT / _BIN_SCALE,
+                                          (1 - _BIN_SHIFT) / _BIN_SCALE))
 def beta(raw_concentration1, raw_concentration0):
-    """Beta on (0, 1); pixels are moved to bin centres x * 255/256 + 1/512 first."""
-    return dist.Beta(
-        F.softplus(raw_concentration1) + _MIN_SCALE,
-        F.softplus(raw_concentration0) + _MIN_SCALE,
-    )
+    """Beta on y = x * 255/256 + 1/512 in (0, 1), as a density of the pixel x (Jacobian in)."""
+    return AffineBeta(F.softplus(raw_concentration1) + _MIN_SCALE,
+                      F.softplus(raw_concentration0) + _MIN_SCALE,
+                      scale=_BIN_SCALE, shift=_BIN_SHIFT)

@@ -83,7 +83,7 @@ class VAE(nn.Module):
             # which CUDA-graph capture requires
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
             z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
-            pyro.sample("x", self.decode(z).to_event(1), obs=self.likelihood.prepare_data(x))
+            pyro.sample("x", self.decode(z).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """q(z | x) = N(loc(x), diag(scale(x))^2) for a batch ``x`` of shape ``(B, x_dim)``."""

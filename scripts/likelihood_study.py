@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -42,7 +41,6 @@ VARIANTS = [  # key, likelihood, binarize, label
     ("normal-fixed", "normal-fixed", "none", "Normal, fixed scale 0.1"),
     ("beta", "beta", "none", "Beta"),
 ]
-BETA_LOG_JACOBIAN = 784 * math.log(255 / 256)  # density of x from that of x * 255/256 + 1/512
 
 
 def run_variant(args, key, likelihood, binarize):
@@ -83,8 +81,7 @@ def measure(args, run, key, binarize, label):
     vae = run.vae
     data, train_x, test_x = run.data.data, run.data.train_x, run.data.test_x
     ev = evaluate_run(run, "test", args.iwae_samples, progress=False)
-    lik = vae.likelihood
-    jacobian = BETA_LOG_JACOBIAN if lik.name == "beta" else 0.0
+    lik = vae.likelihood  # every density is of the pixel values themselves (Beta: Jacobian in)
     missing = missing_log_normalizer(vae, test_x)
     train_z = vae.encode(train_x[: args.knn_train]).loc
     knn = knn_accuracy(train_z, data.train_y[: args.knn_train], vae.encode(test_x).loc,
@@ -92,12 +89,12 @@ def measure(args, run, key, binarize, label):
     row = {
         "key": key, "label": label, "likelihood": lik.name, "binarize": binarize,
         "normalized": lik.normalized, "scores": "binary pixels" if lik.binary else
-        "gray-scale pixels", "test_elbo": ev["elbo"] + jacobian, "test_elbo_se": ev["elbo_se"],
-        "log_px": ev["log_px"] + jacobian if lik.normalized else None,
+        "gray-scale pixels", "test_elbo": ev["elbo"], "test_elbo_se": ev["elbo_se"],
+        "log_px": ev["log_px"] if lik.normalized else None,
         "log_px_se": ev["log_px_se"] if lik.normalized else None,
         "missing_log_normalizer": None if missing is None else missing.mean().item(),
         "knn_accuracy": knn, "epochs": run.epoch,
-        "final_train_elbo": run.metrics[-1]["train_elbo"] + jacobian,
+        "final_train_elbo": run.metrics[-1]["train_elbo"],
     }
     if missing is not None:
         row["elbo_plus_missing"] = row["test_elbo"] + row["missing_log_normalizer"]

@@ -13,6 +13,7 @@ LAYERS = [
     {"errors", "seeds", "arviz_compat"},
     {"config"},
     {"data", "data.sources", "data.batching"},
+    {"distributions"},
     {"likelihoods", "networks"},
     {"model"},
     {"objective", "estimators"},

@@ -121,6 +121,26 @@ def test_static_binarization_repeats_by_seed():
     assert abs(a.mean() - x.mean()) < 0.01
 
 
+def test_fixed_binarization_ignores_the_global_random_stream():
+    x = torch.rand(50, 784)
+    torch.manual_seed(1)
+    a = binarize(x, 3)
+    torch.manual_seed(2)
+    assert torch.equal(a, binarize(x, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare")
+def test_the_binarized_test_set_is_the_same_on_cpu_and_cuda():
+    from pyro_vae import RunConfig
+    from pyro_vae.runner.resolve import resolve
+
+    config = RunConfig()
+    config.data.dataset, config.data.test_limit, config.data.train_limit = "mnist-sample", 200, 64
+    on_cpu = resolve(config, torch.device("cpu")).test_x
+    on_cuda = resolve(config, torch.device("cuda")).test_x
+    assert on_cuda.is_cuda and torch.equal(on_cpu, on_cuda.cpu())
+
+
 def test_device_batches_visit_every_image_once_per_epoch():
     x = torch.arange(10.0).unsqueeze(1)  # (10, 1)
     batches = DeviceBatches(x, batch_size=4)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.distributions import constraints
 
 from pyro_vae import VAE, ConfigError, DataError, RunConfig, available_likelihoods, get_likelihood
-from pyro_vae.likelihoods import UnnormalizedBernoulli, register_likelihood
+from pyro_vae.distributions import UnnormalizedBernoulli
+from pyro_vae.likelihoods import register_likelihood
 from pyro_vae.runner.resolve import likelihood_for
 
 from .helpers import built_in_likelihoods, values_in_support
@@ -68,15 +69,20 @@ def test_normal_and_normal_fixed_match_scipy():
         scipy.stats.norm.logpdf(x.numpy(), loc.numpy(), 0.05)).float())
 
 
-def test_beta_matches_scipy_and_maps_pixels_to_bin_centres():
-    a, b = torch.tensor([0.5, 2.0]), torch.tensor([1.0, -1.0])
-    lik = get_likelihood("beta")
-    x = lik.prepare_data(torch.tensor([0.0, 1.0]))
-    torch.testing.assert_close(x, torch.tensor([1 / 512, 511 / 512]))
+def test_beta_is_a_density_of_the_pixel_itself_jacobian_included():
+    # pixels 0 and 1 sit at the bin centres 1/512 and 511/512 of y = x * 255/256 + 1/512;
+    # p(x) = Beta(y) * dy/dx, so log p(x) = log Beta(y) + log(255/256)
+    a, b = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([1.0, -1.0, 0.3])
+    x = torch.tensor([0.0, 1.0, 0.4])
+    y = x * 255 / 256 + 1 / 512
     ca, cb = F.softplus(a) + 1e-3, F.softplus(b) + 1e-3
-    expected = scipy.stats.beta.logpdf(x.numpy(), ca.numpy(), cb.numpy())
-    torch.testing.assert_close(lik.build(a, b).log_prob(x), torch.from_numpy(expected).float(),
-                               rtol=1e-4, atol=1e-4)
+    expected = scipy.stats.beta.logpdf(y.numpy(), ca.numpy(), cb.numpy()) + math.log(255 / 256)
+    d = get_likelihood("beta").build(a, b)
+    torch.testing.assert_close(d.log_prob(x), torch.from_numpy(expected).float(),
+                               rtol=1e-5, atol=1e-5)
+    # its mean is the pixel value whose image is the Beta's mean
+    torch.testing.assert_close(d.mean * 255 / 256 + 1 / 512, ca / (ca + cb))
+    get_likelihood("beta").check_support(torch.tensor([0.0, 1.0]))
 
 
 def test_relaxed_bernoulli_is_minus_bce_and_misses_the_normalizer():
@@ -85,7 +91,7 @@ def test_relaxed_bernoulli_is_minus_bce_and_misses_the_normalizer():
     relaxed = UnnormalizedBernoulli(logits=logits)
     bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     torch.testing.assert_close(relaxed.log_prob(x), -bce)
-    cb = dist.ContinuousBernoulli(logits=logits)
+    cb = get_likelihood("continuous-bernoulli").build(logits)
     torch.testing.assert_close(cb.log_prob(x) - relaxed.log_prob(x), relaxed.log_normalizer())
     with pytest.raises(NotImplementedError):
         relaxed.sample()

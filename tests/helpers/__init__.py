@@ -42,12 +42,9 @@ def built_in_likelihoods() -> list[str]:
 
 
 def values_in_support(name, shape, generator):
-    """Data as the likelihood scores it (after its documented ``prepare`` map)."""
-    lik = get_likelihood(name)
+    """Pixels in [0, 1] as the likelihood scores them (binary ones for binary likelihoods)."""
     u = torch.rand(shape, generator=generator)
-    if lik.binary:
-        return (u > 0.5).float()
-    return lik.prepare_data(u)
+    return (u > 0.5).float() if get_likelihood(name).binary else u
 
 
 # -- IDX files ----------------------------------------------------------------------------------
