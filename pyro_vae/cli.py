@@ -7,6 +7,7 @@ fix print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -36,7 +37,9 @@ from .runner.resolve import resolve_device
 from .runner.rundir import load_run
 from .runner.train import train
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+# exit statuses: 2 bad input, 3 training diverged, 4 out of memory or disk space,
+# 1 an internal error (a bug: PYRO_VAE_DEBUG=1 shows its traceback), 130 interrupted
+EXIT_INTERNAL, EXIT_USAGE, EXIT_DIVERGED, EXIT_RESOURCE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -215,13 +218,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         out = args.out if args.out is not None else Path("runs/quickstart")
         run = train(config_from_args(args), out, force=args.force, progress=_progress(args))
+    if _rank() > 0:  # under torchrun, rank 0 reports and writes the figures
+        return EXIT_INTERRUPTED if run.interrupted else 0
     if run.interrupted:
         print(f"interrupted after epoch {run.epoch}; continue with: "
               f"pyro-vae train --resume {run.path}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if run.metrics:
         last = run.metrics[-1]
-        print(f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
+        train_elbo = "n/a" if last["train_elbo"] is None else f"{last['train_elbo']:.2f}"
+        print(f"epoch {last['epoch']}: train ELBO {train_elbo}, "
               f"test ELBO {last['test_elbo']:.2f} nats/image "
               f"(log-likelihood term {last['test_log_likelihood']:.2f}, KL {last['test_kl']:.2f})")
     if run.path is not None:
@@ -252,7 +258,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             ("  KL(q || p)", result["kl"], result["kl_se"]),
             (f"log p(x), K={k}", result["log_px"], result["log_px_se"]),
             ("log p(x) - ELBO", result["gap"], result["gap_se"])]
-    print(f"{run.path} (epoch {run.epoch}, {result['likelihood']}), {args.split} split, "
+    epoch = f"epoch {run.epoch}" + (f", then {run.partial_step} steps of epoch {run.epoch + 1}"
+                                     if run.partial_step else "")
+    print(f"{run.path} ({epoch}, {result['likelihood']}), {args.split} split, "
           f"{result['num_images']} images, nats per image:")
     for name, value, se in rows:
         print(f"  {name:18s} {value:10.2f}  +- {se:.2f}")
@@ -352,16 +360,41 @@ def _log_to_stderr(level: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # under torchrun only rank 0 reports progress; every rank still reports errors
-    quiet = getattr(args, "quiet", False) or int(os.environ.get("RANK", "0")) > 0
+    quiet = getattr(args, "quiet", False) or _rank() > 0
     _log_to_stderr(logging.WARNING if quiet else logging.INFO)
     try:
         return args.func(args)
-    except TrainingDiverged as e:
-        print(f"pyro-vae: error: {for_cli(str(e))}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except PyroVAEError as e:
-        print(f"pyro-vae: error: {for_cli(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
+    except Exception as e:  # noqa: BLE001 - every failure leaves as one line
+        if os.environ.get("PYRO_VAE_DEBUG"):
+            raise
+        code, message = _failure(e)
+        print(f"pyro-vae: error: {message}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # a second Ctrl-C: abort at once (the last checkpoint stands)
         print("pyro-vae: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _failure(e: Exception) -> tuple[int, str]:
+    """The exit status and one-line message for an exception that left a command."""
+    if isinstance(e, TrainingDiverged):
+        return EXIT_DIVERGED, for_cli(str(e))
+    if isinstance(e, PyroVAEError):
+        return EXIT_USAGE, for_cli(str(e))
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return EXIT_RESOURCE, ("out of memory; lower --batch-size (train) or --batch-size / "
+                               "--iwae-samples (evaluate), and --resume an interrupted run")
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        reason = e.strerror or str(e) or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return EXIT_RESOURCE, (f"{reason}{where}; free some space, then --resume: the "
+                                   "last checkpoint is intact")
+        return EXIT_USAGE, f"{reason}{where}; check the path and its permissions"
+    text = " ".join(str(e).split())[:200]
+    return EXIT_INTERNAL, (f"internal error ({type(e).__name__}: {text}); please report it, "
+                           "with the traceback that PYRO_VAE_DEBUG=1 shows")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)

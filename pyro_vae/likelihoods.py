@@ -32,6 +32,7 @@ This module builds distributions only; ``pyro.sample`` lives in :mod:`pyro_vae.m
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -208,14 +209,16 @@ def continuous_bernoulli(logits):
 @register_likelihood("normal", num_params=2, support=constraints.real)
 def normal(loc, raw_scale, min_scale: float = _MIN_SCALE):
     """Normal with a per-pixel scale learned by the decoder (softplus + min_scale)."""
+    if not 0 <= min_scale < math.inf:
+        raise ConfigError(f"normal needs a finite min_scale >= 0, got {min_scale}")
     return dist.Normal(loc, F.softplus(raw_scale) + min_scale)
 
 
 @register_likelihood("normal-fixed", support=constraints.real)
 def normal_fixed(loc, scale: float = 0.1):
     """Normal with one fixed scale for every pixel (option ``scale``, default 0.1)."""
-    if not scale > 0:
-        raise ConfigError(f"normal-fixed needs scale > 0, got {scale}")
+    if not 0 < scale < math.inf:
+        raise ConfigError(f"normal-fixed needs a finite scale > 0, got {scale}")
     return dist.Normal(loc, torch.full_like(loc, scale))
 
 

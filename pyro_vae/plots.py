@@ -77,7 +77,8 @@ def training_curves(metrics: Sequence[dict], ax: Axes | None = None) -> Figure:
     """Train and test ELBO (nats per image) against epoch, from ``metrics.jsonl`` records."""
     fig, ax = _axes(ax, (5.5, 3.6))
     epochs = [r["epoch"] for r in metrics]
-    ax.plot(epochs, [r["train_elbo"] for r in metrics], "o-", label="train (average over epoch)")
+    train = [np.nan if r["train_elbo"] is None else r["train_elbo"] for r in metrics]
+    ax.plot(epochs, train, "o-", label="train (average over epoch)")
     ax.plot(epochs, [r["test_elbo"] for r in metrics], "s-", label="test")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -70,16 +70,11 @@ class Contender:
         self.peak_bytes = 0
 
 
-# -- plain PyTorch ------------------------------------------------------------------------
-
-
-def plain(x, b, device, fused=False):
-    vae = ReferenceVAE().to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
-    batches = DeviceBatches(x, b, dynamic=True)
-
+def eager_loop(loss_fn, optimizer, batches: DeviceBatches, device):
+    """``(epoch, step)`` of a hand-written loop: zero_grad, backward, step; the epoch's
+    loss summed on the device and read once."""
     def step(xb):
-        loss = vae.loss(xb)
+        loss = loss_fn(xb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -91,8 +86,19 @@ def plain(x, b, device, fused=False):
             total += step(xb)
         total.item()
 
+    return epoch, step
+
+
+# -- plain PyTorch ------------------------------------------------------------------------
+
+
+def plain(x, b, device, fused=False):
+    vae = ReferenceVAE().to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
+    batches = DeviceBatches(x, b, dynamic=True)
+
     name = "plain PyTorch, eager" + (", fused Adam" if fused else "")
-    return Contender(name, b, epoch, step)
+    return Contender(name, b, *eager_loop(vae.loss, optimizer, batches, device))
 
 
 def plain_cuda_graph(x, b, device):
@@ -187,21 +193,9 @@ def pyro_loss(x, b, device, jit=False):
         def loss_fn(xb):
             return elbo.differentiable_loss(vae.model, vae.guide, xb, num_data)
 
-    def step(xb):
-        loss = loss_fn(xb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    def epoch(n):
-        total = torch.zeros((), device=device)
-        for xb in batches.batches(batches.permutation(n)):
-            total += step(xb)
-        total.item()
-
     name = "JitTrace_ELBO" if jit else "Trace_ELBO"
-    return Contender(f"Pyro {name}.differentiable_loss + Adam", b, epoch, step)
+    return Contender(f"Pyro {name}.differentiable_loss + Adam", b,
+                     *eager_loop(loss_fn, optimizer, batches, device))
 
 
 def pyro_vae_trainer(x, b, device, fast=True, elbo="trace"):
@@ -270,7 +264,7 @@ def load_images(args) -> tuple[torch.Tensor, str]:
     folder = args.data_dir or (SHARED_MNIST if SHARED_MNIST.is_dir() else None)
     if folder is not None:
         x, _ = read_idx_split(folder, "train")
-        return x[: args.images], f"the MNIST training set ({folder})"
+        return x[: args.images], "the real MNIST training set"
     sample = load_mnist_sample()
     reps = -(-args.images // len(sample.train_x))
     return sample.train_x.repeat(reps, 1)[: args.images], "mnist-sample tiled"

@@ -39,7 +39,7 @@ def test_python_dash_m_runs_the_tool_and_exits_2_on_bad_input(tmp_path):
     (["--seed", "-1"], "--seed must be an integer in [0, 4294967295]"),
     (["--seed", str(2**40)], "--seed must be an integer"),
     (["--likelihood", "normal-fixed", "--likelihood-option", "sigma=1"], "no option sigma"),
-    (["--likelihood", "normal-fixed", "--likelihood-option", "scale=0"], "scale > 0"),
+    (["--likelihood", "normal-fixed", "--likelihood-option", "scale=0"], "finite scale > 0"),
     (["--hidden-dims", "400,x"], "comma-separated integers"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "not a folder"),
     (["--binarize", "sometimes"], "invalid choice"),

@@ -44,7 +44,7 @@ def test_parameters_are_bit_identical_across_ranks(two_rank_run):
 
 def test_only_rank_0_writes_the_run_folder(two_rank_run):
     files = sorted(p.name for p in (two_rank_run / "run").iterdir())
-    assert files == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert files == [".lock", "checkpoint.pt", "config.json", "metrics.jsonl"]
     assert [r["epoch"] for r in metrics(two_rank_run / "run")] == [1, 2]
     assert sorted(os.listdir(two_rank_run)) == ["run", "weights"]
 

@@ -1,7 +1,10 @@
 """Reliability: non-finite losses, killed processes, bad input, property tests."""
 
+import errno
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,76 +119,6 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path):
 # -- bad input at the command line ------------------------------------------------------------
 
 
-def bad_folder(tmp_path, rng, kind):
-    folder = tmp_path / kind
-    folder.mkdir()
-    for split, n in (("train", 30), ("t10k", 10)):
-        write_idx(folder / f"{split}-images-idx3-ubyte",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
-    target = folder / "train-images-idx3-ubyte"
-    if kind == "truncated":
-        target.write_bytes(target.read_bytes()[:-100])
-    elif kind == "magic":
-        target.write_bytes(b"\x00\x00\x77\x03" + target.read_bytes()[4:])
-    elif kind == "counts":
-        write_idx(folder / "train-labels-idx1-ubyte", rng.integers(0, 10, 29, dtype=np.uint8))
-    elif kind == "unreadable":
-        target.unlink()
-        target.mkdir()  # a folder where a file should be: unreadable even for root
-    elif kind == "missing":
-        target.unlink()
-    return folder
-
-
-@pytest.mark.parametrize("kind, message", [
-    ("truncated", "truncated or corrupt"),
-    ("magic", "wrong magic number"),
-    ("counts", "30 images but"),
-    ("unreadable", "cannot read"),
-    ("missing", "does not hold the four"),
-])
-def test_broken_data_folders_exit_2_with_one_line(tmp_path, rng, capsys, kind, message):
-    folder = bad_folder(tmp_path, rng, kind)
-    code = main(["train", "--dataset", "mnist", "--data-dir", str(folder), "--quiet",
-                 "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
-
-
-@pytest.mark.parametrize("out", ["{file}/run", "/proc/pyro-vae-cannot-write-here"])
-def test_unwritable_output_folder_exits_2(tmp_path, capsys, out):
-    (tmp_path / "file").write_text("a file, not a folder")
-    code = main(["train", "--dataset", "mnist-sample", "--quiet",
-                 "--out", out.format(file=tmp_path / "file")])
-    err = capsys.readouterr().err
-    assert code == 2 and ("cannot write" in err or "not a folder" in err)
-    assert len(err.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("damage", ["corrupt", "hostile", "incompatible", "config"])
-def test_resume_from_a_damaged_run_exits_2_and_keeps_it(tmp_path, capsys, damage):
-    out = tmp_path / "run"
-    train(tiny_config(epochs=1), out, progress=False)
-    if damage == "corrupt":
-        (out / "checkpoint.pt").write_bytes(b"\x00garbage")
-    elif damage == "hostile":
-        import pickle
-        (out / "checkpoint.pt").write_bytes(pickle.dumps({"format": 1, "x": object()}))
-    elif damage == "incompatible":
-        config = json.loads((out / "config.json").read_text())
-        config["model"]["likelihood"] = "continuous-bernoulli"
-        (out / "config.json").write_text(json.dumps(config))
-    else:
-        (out / "config.json").write_text("{not json")
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-
-
 def test_data_outside_the_support_is_refused_before_training(tmp_path):
     @register_likelihood("test-lower-half", overwrite=True,
                          support=constraints.interval(0.0, 0.5))
@@ -235,3 +168,397 @@ def test_idx_reader_refuses_random_bytes_with_a_data_error(tmp_path_factory, dat
     except DataError:
         return
     assert array.numel() * array.element_size() == len(data) - 4 - 4 * array.ndim  # valid
+
+
+# -- the table of bad inputs: one line, the right status, nothing destroyed ----------------------
+
+SMALL = ["--dataset", "mnist-sample", "--train-limit", "256", "--test-limit", "100",
+         "--hidden-dims", "32", "--z-dim", "2", "--epochs", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch run, copied into each case's folder."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def damage_json(name, text):
+    def setup(tmp):
+        (tmp / "run" / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return setup
+
+
+def edit_config(section, key, value):
+    def setup(tmp):
+        path = tmp / "run" / "config.json"
+        config = json.loads(path.read_text())
+        config[section][key] = value
+        path.write_text(json.dumps(config))
+    return setup
+
+
+def damage_checkpoint(kind):
+    def setup(tmp):
+        path = tmp / "run" / "checkpoint.pt"
+        good = torch.load(path, weights_only=True)
+        if kind == "garbage":
+            path.write_bytes(b"\x00garbage")
+        elif kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "truncated":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif kind == "hostile":
+            import pickle
+            path.write_bytes(pickle.dumps({"format": 1, "x": object()}))
+        elif kind == "list":
+            torch.save([1, 2], path)
+        elif kind == "no-model":
+            torch.save({k: v for k, v in good.items() if k != "model"}, path)
+        elif kind == "shapes":
+            good["model"] = {k: torch.zeros(3) for k in good["model"]}
+            torch.save(good, path)
+        elif kind == "config-not-dict":
+            good["config"] = "nope"
+            torch.save(good, path)
+        elif kind == "epoch":
+            good["epoch"] = -3
+            torch.save(good, path)
+        elif kind == "optimizer":
+            good["optimizer"] = {"state": {}, "param_groups": [{"params": [99]}]}
+            torch.save(good, path)
+    return setup
+
+
+def data_folder(kind):
+    """A folder of four small IDX files, one damaged as ``kind`` says."""
+    def setup(tmp):
+        rng = np.random.default_rng(0)
+        folder = tmp / "data"
+        folder.mkdir()
+        side = 32 if kind == "32x32" else 28
+        for split, n in (("train", 30), ("t10k", 10)):
+            write_idx(folder / f"{split}-images-idx3-ubyte",
+                      rng.integers(0, 256, size=(n, side, side), dtype=np.uint8))
+            write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+        target = folder / "train-images-idx3-ubyte"
+        if kind == "truncated":
+            target.write_bytes(target.read_bytes()[:-100])
+        elif kind == "magic":
+            target.write_bytes(b"\x00\x00\x77\x03" + target.read_bytes()[4:])
+        elif kind == "counts":
+            write_idx(folder / "train-labels-idx1-ubyte", rng.integers(0, 10, 29, dtype=np.uint8))
+        elif kind == "unreadable":
+            target.unlink()
+            target.mkdir()  # a folder where a file should be: unreadable even for root
+        elif kind == "missing":
+            target.unlink()
+        elif kind == "empty-file":
+            target.write_bytes(b"")
+        elif kind == "gzip-garbage":
+            target.unlink()
+            gz = folder / "train-images-idx3-ubyte.gz"
+            gz.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"garbage" * 50)
+        elif kind == "fashion-labels":  # Fashion-MNIST's label counts, under --dataset mnist
+            write_idx(folder / "train-labels-idx1-ubyte", np.repeat(np.arange(10), 6000)
+                      .astype(np.uint8))
+        elif kind == "mnist-labels":  # MNIST's label counts, under --dataset fashion-mnist
+            counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+            write_idx(folder / "train-labels-idx1-ubyte",
+                      np.repeat(np.arange(10), counts).astype(np.uint8))
+    return setup
+
+
+def copy_run(tmp):
+    pass  # marker: the case needs the finished run (copied for every case)
+
+
+def nothing(tmp):
+    pass
+
+
+# (id, setup, argv, exit status, words the message holds); argv may name {run}, {tmp},
+# {data}; every case copies the finished run to {tmp}/run first
+TRAIN = ["train", *SMALL, "--out", "{tmp}/new"]
+CASES = [
+    # command-line values
+    ("unknown likelihood", nothing, [*TRAIN, "--likelihood", "gauss"], 2, "unknown likelihood"),
+    ("batch size 0", nothing, [*TRAIN, "--batch-size", "0"], 2, "--batch-size must be"),
+    ("epochs -1", nothing, [*TRAIN, "--epochs", "-1"], 2, "--epochs must be"),
+    ("z-dim 0", nothing, [*TRAIN, "--z-dim", "0"], 2, "--z-dim must be"),
+    ("lr 0", nothing, [*TRAIN, "--lr", "0"], 2, "--lr must be"),
+    ("lr inf", nothing, [*TRAIN, "--lr", "inf"], 2, "--lr must be"),
+    ("lr nan", nothing, [*TRAIN, "--lr", "nan"], 2, "--lr must be"),
+    ("lr text", nothing, [*TRAIN, "--lr", "fast"], 2, "invalid float"),
+    ("seed -1", nothing, [*TRAIN, "--seed", "-1"], 2, "--seed must be"),
+    ("seed 2**40", nothing, [*TRAIN, "--seed", str(2**40)], 2, "--seed must be"),
+    ("particles 0", nothing, [*TRAIN, "--num-particles", "0"], 2, "--num-particles"),
+    ("train-limit 0", nothing, [*TRAIN, "--train-limit", "0"], 2, "--train-limit"),
+    ("test-limit -5", nothing, [*TRAIN, "--test-limit", "-5"], 2, "--test-limit"),
+    ("hidden dims text", nothing, [*TRAIN, "--hidden-dims", "400,x"], 2, "comma-separated"),
+    ("hidden dims 0", nothing, [*TRAIN, "--hidden-dims", "0"], 2, "--hidden-dims"),
+    ("activation", nothing, [*TRAIN, "--activation", "nope"], 2, "unknown activation"),
+    ("binarize choice", nothing, [*TRAIN, "--binarize", "sometimes"], 2, "invalid choice"),
+    ("elbo choice", nothing, [*TRAIN, "--elbo", "exact"], 2, "invalid choice"),
+    ("device choice", nothing, [*TRAIN, "--device", "tpu"], 2, "invalid choice"),
+    ("option name", nothing, [*TRAIN, "--likelihood", "normal-fixed", "--likelihood-option",
+                              "sigma=1"], 2, "no option sigma"),
+    ("option zero scale", nothing, [*TRAIN, "--likelihood", "normal-fixed",
+                                    "--likelihood-option", "scale=0"], 2, "finite scale"),
+    ("option inf scale", nothing, [*TRAIN, "--likelihood", "normal-fixed",
+                                   "--likelihood-option", "scale=inf"], 2, "finite scale"),
+    ("option negative floor", nothing, [*TRAIN, "--likelihood", "normal", "--likelihood-option",
+                                        "min_scale=-1"], 2, "min_scale"),
+    ("option syntax", nothing, [*TRAIN, "--likelihood-option", "scale"], 2, "KEY=NUMBER"),
+    ("binary-only likelihood on gray", nothing, [*TRAIN, "--likelihood", "bernoulli",
+                                                 "--binarize", "none", "--likelihood-option",
+                                                 "x=1"], 2, "no option x"),
+    ("data-dir with the sample", nothing, [*TRAIN, "--data-dir", "{tmp}"], 2,
+     "not used by --dataset mnist-sample"),
+    # run folders
+    ("out is a file's child", damage_json("file", "x"), [*TRAIN[:-1], "{tmp}/run/file/new"], 2,
+     "Not a directory"),
+    ("out under /proc", nothing, [*TRAIN[:-1], "/proc/pyro-vae-cannot-write"], 2, "cannot write"),
+    ("out holds a run", nothing, [*TRAIN[:-1], "{run}"], 2, "holds another run"),
+    ("out name too long", nothing, [*TRAIN[:-1], "{tmp}/" + "x" * 300], 2, "too long"),
+    ("resume missing", nothing, ["train", "--resume", "{tmp}/none"], 2, "not a run folder"),
+    ("resume plain folder", nothing, ["train", "--resume", "{tmp}"], 2, "not a run folder"),
+    ("resume with lr", nothing, ["train", "--resume", "{run}", "--lr", "0.1"], 2,
+     "only --epochs applies"),
+    ("resume fewer epochs", nothing, ["train", "--resume", "{run}", "--epochs", "1"], 2,
+     "finished 2 epochs"),
+    ("resume without checkpoint", lambda tmp: (tmp / "run" / "checkpoint.pt").unlink(),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "start it again with --force"),
+    ("out holds an unfinished run", lambda tmp: (tmp / "run" / "checkpoint.pt").unlink(),
+     [*TRAIN[:-1], "{run}"], 2, "never finished an epoch"),
+    # config.json content
+    ("config not json", damage_json("config.json", "{not json"),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "not valid JSON"),
+    ("config a list", damage_json("config.json", "[1, 2]"),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "must be a JSON object"),
+    ("config wrong type", edit_config("model", "z_dim", "two"),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "model.z_dim"),
+    ("config unknown key", edit_config("model", "depth", 3),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "no field depth"),
+    ("config not utf-8", damage_json("config.json", b"\xff\xfe\x00{"),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "not valid JSON"),
+    ("config of another model", edit_config("model", "likelihood", "continuous-bernoulli"),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "another model"),
+    ("config of other data", edit_config("data", "test_limit", 50),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "another data"),
+    ("config section not an object", damage_json("config.json", '{"model": 3}'),
+     ["evaluate", "{run}", "--iwae-samples", "2"], 2, "must be an object"),
+    # checkpoint content
+    *[(f"checkpoint {kind}", damage_checkpoint(kind),
+       ["train", "--resume", "{run}", "--epochs", "3"], 2, words)
+      for kind, words in [("garbage", "damaged"), ("empty", "damaged"), ("truncated", "damaged"),
+                          ("hostile", "could run code"), ("list", "not a pyro-vae checkpoint"),
+                          ("no-model", "no model"), ("shapes", "does not fit"),
+                          ("config-not-dict", "config is not a dict"), ("epoch", "epoch"),
+                          ("optimizer", "does not fit")]],
+    ("evaluate a corrupt checkpoint", damage_checkpoint("garbage"),
+     ["evaluate", "{run}", "--iwae-samples", "2"], 2, "damaged"),
+    ("plot a checkpoint of wrong shapes", damage_checkpoint("shapes"), ["plot", "{run}"], 2,
+     "does not fit"),
+    # data files
+    *[(f"data {kind}", data_folder(kind), [*TRAIN, "--dataset", "mnist", "--data-dir", "{data}"],
+       2, words)
+      for kind, words in [("truncated", "truncated or corrupt"), ("magic", "wrong magic"),
+                          ("counts", "30 images but"), ("unreadable", "cannot read"),
+                          ("missing", "does not hold the four"), ("empty-file", "IDX"),
+                          ("gzip-garbage", "cannot read"), ("32x32", "32x32 images"),
+                          ("fashion-labels", "holds the fashion-mnist training set")]],
+    ("data mnist labels as fashion", data_folder("mnist-labels"),
+     [*TRAIN, "--dataset", "fashion-mnist", "--data-dir", "{data}"], 2, "holds the mnist"),
+    ("data-dir missing", nothing, [*TRAIN, "--dataset", "mnist", "--data-dir", "{tmp}/nope"], 2,
+     "not a folder"),
+    ("data-dir empty with auto", lambda tmp: (tmp / "data").mkdir(),
+     [*TRAIN, "--dataset", "auto", "--data-dir", "{data}"], 2, "does not hold the four"),
+    # the other commands
+    ("evaluate missing", nothing, ["evaluate", "{tmp}/nope"], 2, "not a run folder"),
+    ("evaluate K 0", nothing, ["evaluate", "{run}", "--iwae-samples", "0"], 2, "positive"),
+    ("evaluate batch 0", nothing, ["evaluate", "{run}", "--batch-size", "0"], 2, "positive"),
+    ("sample n 0", nothing, ["sample", "{run}", "-n", "0", "--out", "{tmp}/s.png"], 2,
+     "positive"),
+    ("sample jpg", nothing, ["sample", "{run}", "--out", "{tmp}/s.jpg"], 2, ".png"),
+    ("sample under a file", damage_json("file", "x"),
+     ["sample", "{run}", "--out", "{tmp}/run/file/s.png"], 2, "{tmp}/run/file"),
+    ("plot missing", nothing, ["plot", "{tmp}/nope"], 2, "not a run folder"),
+    ("diagnose chains 0", nothing, ["diagnose", "{run}", "--chains", "0"], 2, "positive"),
+    ("diagnose images 0", nothing, ["diagnose", "{run}", "--images", "0"], 2, "positive"),
+    ("unknown command", nothing, ["fit"], 2, "invalid choice"),
+]
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_with_the_right_status_and_destroys_nothing(
+        case, tmp_path, capsys, finished_run):
+    _, setup, argv, status, words = case
+    shutil.copytree(finished_run, tmp_path / "run")
+    setup(tmp_path)
+    names = {"run": tmp_path / "run", "tmp": tmp_path, "data": tmp_path / "data"}
+    argv = [a.format(**names) for a in argv]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == status, err
+    assert words.format(**names) in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_the_table_is_broad():
+    assert len(CASES) >= 60
+
+
+def test_an_unexpected_error_is_one_line_with_status_1(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("pyro_vae.cli.train", broken)
+    assert main(["train", *SMALL, "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "internal error (ZeroDivisionError: a bug)" in err and "PYRO_VAE_DEBUG" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_during_a_save_exits_4_and_keeps_the_last_checkpoint(
+        tmp_path, capsys, monkeypatch, finished_run):
+    shutil.copytree(finished_run, tmp_path / "run")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--quiet"]) == 4
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--resume" in err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["blank line", "truncated line", "not an object"])
+def test_damaged_metrics_lines_never_cost_a_valid_epoch(tmp_path, finished_run, damage):
+    shutil.copytree(finished_run, tmp_path / "run")
+    path = tmp_path / "run" / "metrics.jsonl"
+    first, second = path.read_text().splitlines()
+    bad = {"blank line": "", "truncated line": first[: len(first) // 2],
+           "not an object": "[1, 2]"}[damage]
+    path.write_text("\n".join([first, bad, second]) + "\n")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--quiet"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path, finished_run):
+    shutil.copytree(finished_run, tmp_path / "run")
+    stale = tmp_path / "run" / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)  # what a SIGKILL during a save leaves
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--quiet"]) == 0
+    assert not stale.exists()
+
+
+def test_an_epoch_whose_every_step_is_skipped_writes_strict_json(tmp_path):
+    poisoned_likelihood("test-nan-all", set(range(1, 100)))
+    config = tiny_config(epochs=1, nan_policy="skip", fast_step=False)
+    config.model.likelihood = "test-nan-all"
+    run = train(config, tmp_path / "run", progress=False)
+    assert run.metrics[0]["train_elbo"] is None and run.metrics[0]["skipped_steps"] == 8
+    line = (tmp_path / "run" / "metrics.jsonl").read_text()
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+
+
+@pytest.mark.slow
+def test_two_trainings_on_one_folder_one_writer_at_a_time(tmp_path, capsys):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pyro_vae", "train", *SMALL, "--epochs", "400",
+           "--out", str(out)]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        for argv in (["train", *SMALL, "--out", str(out), "--force"],
+                     ["train", "--resume", str(out), "--epochs", "500", "--quiet"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"being written by another training (PID {first.pid})" in err, err
+        assert first.poll() is None  # the first training goes on, undisturbed
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel released the lock with the process: the run continues from its checkpoint
+    epoch = load_state(out / "checkpoint.pt").epoch
+    assert main(["train", "--resume", str(out), "--epochs", str(epoch + 1), "--quiet"]) == 0
+
+
+ROOTLESS = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def as_user_without_override(argv):
+    """Run the CLI where file permissions apply (root's override dropped, if root)."""
+    prefix = ROOTLESS if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, sys.executable, "-m", "pyro_vae", *argv],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None,
+                    reason="root without setpriv: permissions cannot be made to apply")
+@pytest.mark.parametrize("kind", ["unreadable data", "unwritable out", "unreadable run"])
+def test_permission_problems_are_one_line(tmp_path, finished_run, kind):
+    shutil.copytree(finished_run, tmp_path / "run")
+    if kind == "unreadable data":
+        data_folder("good")(tmp_path)
+        (tmp_path / "data" / "train-images-idx3-ubyte").chmod(0)
+        argv = ["train", *SMALL, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                "--out", str(tmp_path / "new")]
+    elif kind == "unwritable out":
+        (tmp_path / "locked").mkdir(mode=0o555)
+        argv = ["train", *SMALL, "--out", str(tmp_path / "locked" / "run")]
+    else:
+        (tmp_path / "run" / "checkpoint.pt").chmod(0)
+        argv = ["evaluate", str(tmp_path / "run"), "--iwae-samples", "2"]
+    before = snapshot(tmp_path)
+    result = as_user_without_override(argv)
+    assert result.returncode == 2, result.stderr
+    assert "ermission denied" in result.stderr or "cannot" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_resume_applies_a_learning_rate_edited_in_config_json(tmp_path, finished_run, caplog):
+    shutil.copytree(finished_run, tmp_path / "run")
+    edit_config("train", "lr", 0.01)(tmp_path)
+    with caplog.at_level("INFO", logger="pyro_vae"):
+        train(resume=tmp_path / "run", epochs=3, progress=False)
+    assert "learning rate 0.01 (config.json) replaces 0.001 (checkpoint)" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_quick_ctrl_c_abort_with_130_and_keep_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pyro_vae", "train", *SMALL, "--epochs", "400",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert load_state(out / "checkpoint.pt").epoch >= 1

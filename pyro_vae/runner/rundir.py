@@ -9,10 +9,14 @@ not cover unnoticed: on resume, lines beyond the checkpoint's epoch are dropped.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +25,19 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..errors import CheckpointError, RunDirError
+from ..errors import CheckpointError, ConfigError, RunDirError
 from ..model import VAE
-from .resolve import Splits, build_vae, resolve
+from .resolve import Splits, build_vae, check_config, resolve
 from .state import check_matches, load_state
 
 log = logging.getLogger(__name__)
 
 CONFIG, METRICS, CHECKPOINT, FIGURES = "config.json", "metrics.jsonl", "checkpoint.pt", "figures"
+LOCK = ".lock"  # held (flock) by the one process that writes the folder
 # what a run writes besides the above; a replaced run loses these too
 _OUTPUTS = ("eval.json", "diagnostics.json")
+# temporary files of writes that a killed process left behind
+_STALE = (".checkpoint.pt.*.tmp", "config.json.tmp", "metrics.jsonl.tmp")
 
 
 class RunDir:
@@ -51,16 +58,70 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path} is a file, not a folder; choose another out folder")
         if self.holds_run() and not force:
+            if not self.checkpoint.exists():
+                raise RunDirError(f"{self.path} holds a run that never finished an epoch; "
+                                  "start it again with force=True, or choose another out folder")
             raise RunDirError(
                 f"{self.path} holds another run; continue it with resume={self.path}, "
                 "replace it with force=True, or choose another out folder"
             )
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the folder's write lock while the block runs (create the folder if needed).
+
+        An advisory ``flock`` on ``.lock``, released by the kernel however the process
+        ends (SIGKILL included): a second writer gets :class:`RunDirError` naming the
+        holder's PID. Temporary files that killed writes left behind are removed.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK, "a+")
+        except OSError as e:
+            raise RunDirError(f"cannot write to {self.path} ({e.strerror}); "
+                              "choose a writable out folder") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise RunDirError(f"{self.path} is being written by another training "
+                                  f"(PID {self._holder_pid(handle)}); wait for it to finish, "
+                                  "or stop it first") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            for pattern in _STALE:
+                for stale in self.path.glob(pattern):
+                    stale.unlink(missing_ok=True)
+            yield self
+
+    def writer_pid(self) -> int | None:
+        """The PID of the training that holds the folder's write lock, or ``None``."""
+        try:
+            handle = open(self.path / LOCK)
+        except OSError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return self._holder_pid(handle)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return None
+
+    @staticmethod
+    def _holder_pid(handle) -> int | str:
+        handle.seek(0)
+        text = handle.read().strip()
+        return int(text) if text.isdigit() else "unknown"
+
     def claim(self, force: bool = False) -> None:
         """Create the folder for a new run; with ``force``, remove the old run's files."""
         self.check_claimable(force)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
             probe.write_text("")
             probe.unlink()
@@ -79,14 +140,22 @@ class RunDir:
         os.replace(tmp, self.config)
 
     def read_config(self) -> RunConfig:
+        """The run's settings, checked; :class:`CheckpointError` if missing or broken."""
         if not self.config.is_file():
             raise CheckpointError(f"{self.path} is not a run folder (no {CONFIG}); "
                                   "point at a folder written by pyro-vae train")
         try:
-            return RunConfig.from_dict(json.loads(self.config.read_text()))
+            return check_config(RunConfig.from_dict(json.loads(self.config.read_text())))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.config} is not valid JSON ({type(e).__name__}); "
                                   "restore it or start a new run") from None
+        except ConfigError as e:  # named as config.json spells it: model.z_dim
+            problem = re.sub(r"\b(Model|Data|Train)Config\.",
+                             lambda m: m[1].lower() + ".", str(e))
+            raise CheckpointError(f"{self.config} is damaged ({problem}); restore it or "
+                                  "start a new run") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.config} ({e.strerror})") from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         line = json.dumps(_strict_json(record), allow_nan=False)
@@ -161,9 +230,17 @@ class Run:
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
-    """Load a run folder: config, model weights from the last checkpoint, metrics."""
+    """Load a run folder: config, model weights from the last checkpoint, metrics.
+
+    Works beside a training that is still writing the folder: it reads the last
+    checkpoint, and says that the run is in progress.
+    """
     run_dir = RunDir(path)
     config = run_dir.read_config()
+    pid = run_dir.writer_pid()
+    if pid is not None:
+        log.warning("%s is still training (PID %s); reading its last checkpoint",
+                    run_dir.path, pid)
     state = load_state(run_dir.checkpoint, map_location=device)
     check_matches(config, state, str(run_dir.path))
     vae = build_vae(config)

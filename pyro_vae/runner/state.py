@@ -111,15 +111,18 @@ def load_state(path: str | os.PathLike, map_location="cpu") -> TrainingState:
         raise CheckpointError(f"no checkpoint at {path}; train first, or point at a run folder")
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    except pickle.UnpicklingError:
+        # torch's weights-only unpickler refused it: damaged, or objects beyond plain data
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain data and was not loaded, "
-            f"since loading it could run code ({first[:120]}); use a checkpoint written by "
-            "pyro-vae"
+            f"{path} is damaged or holds objects other than tensors and plain data, whose "
+            "loading could run code; it was not loaded: restore it from a copy, or use a "
+            "checkpoint written by pyro-vae"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt or unreadable ({type(e).__name__}); "
+    except OSError as e:  # before its content was seen: permissions, a folder, ...
+        raise CheckpointError(f"cannot read {path} ({e.strerror or type(e).__name__}); "
+                              "check that it is a file you may read") from None
+    except (RuntimeError, EOFError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged or unreadable ({type(e).__name__}); "
                               "delete it or restore it from a copy") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint of format {FORMAT_VERSION}")

@@ -10,6 +10,7 @@ checkpoint that resumes exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -72,8 +73,17 @@ def train(
     if resume is not None:
         run_dir = RunDir(resume)
         config = run_dir.read_config()
+        if not run_dir.checkpoint.exists():
+            raise CheckpointError(f"{run_dir.path} has not finished an epoch, so there is "
+                                  "nothing to resume; start it again with force=True")
         state = load_state(run_dir.checkpoint)
         check_matches(config, state, str(run_dir.path))
+        _check_fits(config, state, run_dir)
+        saved = state.run_config().train
+        if state.partial is not None and saved.batch_size != config.train.batch_size:
+            raise ConfigError(f"the checkpoint in {run_dir.path} stopped inside an epoch with "
+                              f"TrainConfig.batch_size {saved.batch_size}; resume with that "
+                              "batch size")
     else:
         config = RunConfig.from_dict(config.to_dict()) if config is not None else RunConfig()
         run_dir = RunDir(out) if out is not None else None
@@ -95,18 +105,30 @@ def train(
 def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
            state: TrainingState | None, force: bool, progress: bool | None) -> Run:
     writer = run_dir if ctx.is_main else None  # the process that writes the run folder
-    splits = resolve(config, device)  # before anything is written: bad data changes nothing
-    failure = None
-    if writer is not None and state is None:
-        try:
-            writer.claim(force=force)
-        except RunDirError as e:
-            failure = e
-    if ctx.any(failure is not None, device):
-        raise failure or RunDirError("rank 0 could not use the run folder; see its message")
-
+    # data and model first: a setting that fails there changes nothing on disk
+    splits = resolve(config, device)
     pyro.set_rng_seed(seeds.process(config.train.seed, ctx.rank))  # noise per rank
     vae = build_vae(config).to(device)
+    with contextlib.ExitStack() as held:
+        failure = None
+        if writer is not None:
+            try:
+                if state is None:
+                    writer.check_claimable(force)  # before the lock creates the folder
+                held.enter_context(writer.writing())  # one writer per run folder
+                if state is None:
+                    writer.claim(force=force)
+            except RunDirError as e:
+                failure = e
+        if ctx.any(failure is not None, device):
+            raise failure or RunDirError("rank 0 could not use the run folder; see its message")
+        return _fit(config, ctx, device, run_dir, writer, splits, vae, state, progress)
+
+
+def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
+         writer: RunDir | None, splits, vae, state: TrainingState | None,
+         progress: bool | None) -> Run:
+    """Build objective and trainer, restore a checkpoint, run the epochs."""
     num_data = len(splits.train_x)
     objective = Objective(vae, make_elbo(config.train), num_data)
     trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
@@ -115,7 +137,7 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     history: list[dict] = []
     start_epoch, partial = 0, None
     if state is not None:
-        _restore(state, vae, trainer, run_dir)
+        _restore(state, vae, trainer, run_dir, config.train.lr)
         start_epoch, partial = state.epoch, state.partial
         history = run_dir.truncate_metrics(start_epoch) if writer else []
         if partial is not None and ctx.distributed:
@@ -177,8 +199,8 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             if writer is not None:
                 writer.append_metrics(record)
                 checkpoint(epoch)
-            log.info("epoch %d: train ELBO %.2f, test ELBO %.2f nats/image (%.1f s)",
-                     epoch, record["train_elbo"], record["test_elbo"], record["seconds"])
+            log.info("epoch %d: train ELBO %s, test ELBO %.2f nats/image (%.1f s)", epoch,
+                     _nats(record["train_elbo"]), record["test_elbo"], record["seconds"])
             if ctx.any(stop.requested, device) and epoch < config.train.epochs:
                 run.interrupted = True
                 break
@@ -186,15 +208,37 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     return run
 
 
-def _restore(state: TrainingState, vae, trainer: Trainer, run_dir: RunDir) -> None:
+_LOAD_ERRORS = (RuntimeError, KeyError, ValueError, TypeError, IndexError)
+
+
+def _does_not_fit(run_dir: RunDir, e: Exception) -> CheckpointError:
+    reason = " ".join(str(e).split())[:160]
+    return CheckpointError(f"{run_dir.checkpoint} does not fit the model in its config.json "
+                           f"({reason}); restore the matching checkpoint")
+
+
+def _check_fits(config: RunConfig, state: TrainingState, run_dir: RunDir) -> None:
+    """Load the checkpoint into a scratch model and optimizer: a mismatch fails here,
+    before any data is loaded or anything is written."""
+    try:
+        vae = build_vae(config)
+        vae.load_state_dict(state.model)
+        torch.optim.Adam(vae.parameters()).load_state_dict(state.optimizer)
+    except _LOAD_ERRORS as e:
+        raise _does_not_fit(run_dir, e) from None
+
+
+def _restore(state: TrainingState, vae, trainer: Trainer, run_dir: RunDir, lr: float) -> None:
     try:
         vae.load_state_dict(state.model)
         trainer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{run_dir.checkpoint} does not fit the model in its "
-                              f"config.json ({str(e).splitlines()[0][:120]}); restore the "
-                              "matching checkpoint") from None
+    except _LOAD_ERRORS as e:
+        raise _does_not_fit(run_dir, e) from None
+    for group in trainer.optimizer.param_groups:  # config.json's rate, not the checkpoint's
+        if group["lr"] != lr:
+            log.info("learning rate %g (config.json) replaces %g (checkpoint)", lr, group["lr"])
+            group["lr"] = lr
 
 
 def _record(epoch, done: EpochProgress, trainer: Trainer, vae, test_x, batches, ctx, config,
@@ -207,9 +251,13 @@ def _record(epoch, done: EpochProgress, trainer: Trainer, vae, test_x, batches, 
                               torch.tensor([float(done.skipped_steps)], device=test.device)]))
     loss_sum, elbo_sum, lik_sum, kl_sum, skipped = sums.tolist()
     trained = batches.num_local * ctx.world_size - skipped * batches.batch_size
+    if trained <= 0:
+        log.warning("epoch %d: every step was skipped; its train ELBO is recorded as null",
+                    epoch)
     return {
         "epoch": epoch,
-        "train_elbo": -loss_sum / max(trained, 1),  # exact unless a last, smaller batch skipped
+        # exact unless a last, smaller batch was skipped; None if nothing was trained
+        "train_elbo": -loss_sum / trained if trained > 0 else None,
         "test_elbo": elbo_sum / num_test,
         "test_log_likelihood": lik_sum / num_test,
         "test_kl": kl_sum / num_test,
@@ -224,7 +272,8 @@ def _diverged(epoch: int, step: int, num_steps: int, run_dir: RunDir | None
     if run_dir is None:
         kept = "nothing was written"
     elif epoch == 1:
-        kept = f"nothing of this run is checkpointed yet in {run_dir.path}"
+        kept = (f"nothing of this run is checkpointed yet in {run_dir.path} (start it "
+                "again with force=True)")
     else:
         kept = f"{run_dir.path} still holds epoch {epoch - 1}, untouched"
     return TrainingDiverged(
@@ -233,6 +282,10 @@ def _diverged(epoch: int, step: int, num_steps: int, run_dir: RunDir | None
         "outside the likelihood's support, or a collapsing learned scale; or train with "
         "TrainConfig.nan_policy = 'skip'"
     )
+
+
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _stderr_is_terminal() -> bool:

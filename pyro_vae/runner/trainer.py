@@ -3,7 +3,7 @@
 :meth:`Trainer.step` is the only place in pyro-vae that differentiates a loss: forward
 (the objective's negative ELBO), backward, optimizer step, and a check that the loss and
 the gradients are finite. Training, the diagnostics' per-image fits, the benchmarks and
-the tests all call it. It never synchronises with the host, in three ways of running:
+the tests all call it. It reads nothing back from the device, in three ways of running:
 
 ``eager``
     Pyro traces model and guide every step; the ELBO is the sync-free one of
