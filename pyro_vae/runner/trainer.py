@@ -211,7 +211,20 @@ class Trainer:
     # -- CUDA: replay the whole step as a CUDA graph ---------------------------------------
 
     def _graph_step(self, key, x):
-        entry = self._replays.get(key) or self._capture(key, x)
+        entry = self._replays.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(key, x)
+            except RuntimeError as e:  # an operation that a CUDA graph cannot hold
+                reason = " ".join(str(e).split())[:200]
+                log.warning("the training step could not be captured in a CUDA graph (%s); "
+                            "training goes on with eager steps (TrainConfig.fast_step = "
+                            "False skips the attempt)", reason)
+                self.mode = "eager"
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, finite = self._forward_backward(x)
+                self.optimizer.step()
+                return loss, finite
         static_x, graph, outputs = entry
         static_x.copy_(x)
         graph.replay()
