@@ -345,13 +345,20 @@ def _progress(args) -> bool | None:
     return False if args.quiet else None
 
 
+class _FlagFormatter(logging.Formatter):
+    """Log lines with the library's field names rewritten into this tool's flags."""
+
+    def format(self, record):
+        return for_cli(super().format(record))
+
+
 def _log_to_stderr(level: int) -> None:
     """Send the library's log records to stderr as ``pyro-vae: message`` lines."""
     logger = logging.getLogger("pyro_vae")
     for handler in [h for h in logger.handlers if getattr(h, "_pyro_vae_cli", False)]:
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("pyro-vae: %(message)s"))
+    handler.setFormatter(_FlagFormatter("pyro-vae: %(message)s"))
     handler._pyro_vae_cli = True
     logger.addHandler(handler)
     logger.setLevel(level)
