@@ -495,6 +495,9 @@ def test_two_trainings_on_one_folder_one_writer_at_a_time(tmp_path, capsys):
             assert main(argv) == 2
             err = capsys.readouterr().err
             assert f"being written by another training (PID {first.pid})" in err, err
+        # a read-only command works beside it, on its last checkpoint, and says so
+        assert main(["evaluate", str(out), "--iwae-samples", "2"]) == 0
+        assert f"still training (PID {first.pid})" in capsys.readouterr().err
         assert first.poll() is None  # the first training goes on, undisturbed
     finally:
         first.kill()

@@ -279,8 +279,8 @@ class Trainer:
 
         Stops early (between two steps) when ``should_stop()`` turns true. Raises
         :class:`Diverged` at the end under ``nan_policy="stop"`` if any step met a
-        non-finite value. Reads nothing back from the device (one read per epoch is left
-        to the caller).
+        non-finite value. Reads one value back from the device, at the end: the first
+        non-finite step (the epoch's sums are left on the device for the caller).
         """
         device = batches.x.device
         loss_sum = progress.loss_sum if progress.loss_sum is not None else \
