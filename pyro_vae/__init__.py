@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .commands import diagnose_run, evaluate, read_evaluations, sample, write_figures
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .errors import (
@@ -17,6 +18,7 @@ from .evaluate import evaluate_run
 from .likelihoods import Likelihood, available_likelihoods, get_likelihood, register_likelihood
 from .model import VAE
 from .objective import Objective, SyncFreeTrace_ELBO, SyncFreeTraceMeanField_ELBO, make_elbo
+from .plots import figures_for_run
 from .runner.resolve import build_vae
 from .runner.rundir import Run, load_run
 from .runner.train import train
@@ -27,7 +29,8 @@ __all__ = [
     "Likelihood", "Objective", "Trainer", "SyncFreeTrace_ELBO", "SyncFreeTraceMeanField_ELBO",
     "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "RunDirError",
     "TrainingDiverged",
-    "available_likelihoods", "build_vae", "elbo_terms", "evaluate_run", "get_likelihood",
-    "importance_log_likelihood", "load_dataset", "load_run", "log_weights", "make_elbo",
-    "register_likelihood", "train",
+    "available_likelihoods", "build_vae", "diagnose_run", "elbo_terms", "evaluate",
+    "evaluate_run", "figures_for_run", "get_likelihood", "importance_log_likelihood",
+    "load_dataset", "load_run", "log_weights", "make_elbo", "read_evaluations",
+    "register_likelihood", "sample", "train", "write_figures",
 ]

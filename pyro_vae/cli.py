@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
+import importlib
 import logging
 import os
 import re
@@ -18,21 +18,18 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .commands import (
+    MAX_DIAGNOSED_IMAGES,
+    diagnose_run,
+    evaluate,
+    sample,
+    write_figures,
+)
 from .config import BINARIZE_MODES, DEVICES, ELBOS, NAN_POLICIES, RunConfig
 from .data import DATASETS
-from .diagnostics import diagnose
 from .errors import ConfigError, PyroVAEError, TrainingDiverged
-from .evaluate import evaluate_run
-from .likelihoods import available_likelihoods, get_likelihood
-from .plots import (
-    figures_for_run,
-    forest,
-    image_grid,
-    inference_gap_bars,
-    khat_per_image,
-    posterior_pairs,
-    save_figures,
-)
+from .likelihoods import available_likelihoods, describe_support, get_likelihood
+from .plots import FIGURE_KINDS
 from .runner.resolve import resolve_device
 from .runner.rundir import load_run
 from .runner.train import train
@@ -73,14 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pyro-vae",
         description="Variational autoencoders as Pyro model/guide functions, trained with SVI.",
+        epilog="pyro-vae COMMAND --help describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
+    # every command can load the user's own likelihoods (and networks) first
+    plugins = argparse.ArgumentParser(add_help=False)
+    plugins.add_argument("--import", dest="imports", action="append", default=[],
+                         metavar="MODULE",
+                         help="import MODULE first, e.g. one that registers your own "
+                              "likelihood (repeatable; the current folder is searched)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a VAE and write a run folder",
+    t = sub.add_parser("train", help="train a VAE and write a run folder", parents=[plugins],
                        description="Train a VAE with SVI and write a run folder "
-                                   "(config.json, metrics.jsonl, checkpoint.pt).")
+                                   "(config.json, metrics.jsonl, checkpoint.pt, figures/).")
+    t.add_argument("--config", type=Path, metavar="FILE.json",
+                   help="start from the settings in FILE.json (the schema of a run's "
+                        "config.json); flags given as well override it")
     where = t.add_argument_group("run folder")
     where.add_argument("--out", type=Path, help="run folder to create (default: runs/quickstart)")
     where.add_argument("--resume", type=Path, metavar="RUN_DIR",
@@ -119,50 +126,83 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--nan-policy", choices=NAN_POLICIES,
                    help="on a non-finite loss: stop (default, keeps the last good epoch) "
                         "or skip the step and count it")
+    o.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard events (scalars, images, histograms) to "
+                        "RUN_DIR/tensorboard/")
     t.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood",
+                       parents=[plugins],
                        description="ELBO with its terms and the importance-sampled log p(x) "
-                                   "of a run; writes RUN_DIR/eval.json.")
+                                   "of a run; kept in RUN_DIR/eval.json by split and K.")
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    e.add_argument("--split", choices=("test", "train"), default="test")
+    e.add_argument("--split", choices=("test", "train"), default="test",
+                   help="the images to evaluate (default: test)")
     e.add_argument("--iwae-samples", type=int, default=5000, metavar="K",
                    help="importance samples per image (default: 5000, as Burda et al.)")
     e.add_argument("--batch-size", type=int, default=100, help="images per batch (default: 100)")
-    e.add_argument("--device", choices=DEVICES, default="auto")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--device", choices=DEVICES, default="auto",
+                   help="default: auto (CUDA if available)")
+    e.add_argument("--quiet", action="store_true", help="no progress, results only")
     e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", help="write the figures of a run to RUN_DIR/figures/",
+                       parents=[plugins],
                        description="Reconstructions, prior samples, training curves, latent "
-                                   "space (and the latent manifold when z is 2-D).")
+                                   "space, latent traversals and interpolations (and the "
+                                   "latent manifold when z is 2-D), as PNGs in "
+                                   "RUN_DIR/figures/.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--only", choices=FIGURE_KINDS, action="append", metavar="KIND",
+                   help=f"write only this figure (repeatable): {', '.join(FIGURE_KINDS)}")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="default: auto (CUDA if available)")
     p.set_defaults(func=cmd_plot)
 
-    s = sub.add_parser("sample", help="draw images from the prior of a trained run")
+    s = sub.add_parser("sample", help="draw images from the prior of a trained run",
+                       parents=[plugins],
+                       description="Decode N draws z ~ N(0, I) of a trained run and write "
+                                   "the images as one PNG grid.")
     s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    s.add_argument("-n", "--num-samples", type=int, default=64)
-    s.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    s.add_argument("-n", "--num-samples", type=int, default=64,
+                   help="how many images (default: 64)")
+    s.add_argument("--out", type=Path, required=True, metavar="FILE.png",
+                   help="the PNG file to write")
     s.add_argument("--draws", action="store_true",
                    help="show draws x ~ p(x | z) instead of the likelihood's mean")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="the same seed gives the same images (default: 0)")
+    s.add_argument("--device", choices=DEVICES, default="auto",
+                   help="default: auto (CUDA if available)")
     s.set_defaults(func=cmd_sample)
 
     g = sub.add_parser("diagnose", help="guide against NUTS, PSIS k-hat, inference gaps",
-                       description="Posterior diagnostics for a few test images; writes "
-                                   "RUN_DIR/diagnostics.json and RUN_DIR/figures/diagnostics_*.")
+                       parents=[plugins],
+                       description="Posterior diagnostics for the first test images; writes "
+                                   "RUN_DIR/diagnostics.json and RUN_DIR/figures/diagnostics_*. "
+                                   "Prints its expected time first: NUTS runs per image.")
     g.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    g.add_argument("--images", type=int, default=4, help="test images to diagnose (default: 4)")
-    g.add_argument("--num-samples", type=int, default=500, help="draws per chain (default: 500)")
+    g.add_argument("--images", type=int, default=4,
+                   help=f"test images to diagnose (default: 4, at most "
+                        f"{MAX_DIAGNOSED_IMAGES})")
+    g.add_argument("--num-samples", type=int, default=500,
+                   help="draws per NUTS chain and from the guide (default: 500)")
     g.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps (default: 500)")
     g.add_argument("--chains", type=int, default=2, help="NUTS chains (default: 2)")
-    g.add_argument("--iwae-samples", type=int, default=5000, metavar="K")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--iwae-samples", type=int, default=5000, metavar="K",
+                   help="importance samples for log p(x) per image (default: 5000)")
+    g.add_argument("--seed", type=int, default=0, help="default: 0")
+    g.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="default: cpu (NUTS on one image is faster there than on a GPU)")
+    g.add_argument("--quiet", action="store_true", help="no progress, results only")
     g.set_defaults(func=cmd_diagnose)
 
-    ls = sub.add_parser("likelihoods", help="list the registered likelihoods")
+    ls = sub.add_parser("likelihoods", help="list the registered likelihoods",
+                        parents=[plugins],
+                        description="Every registered likelihood: decoder outputs per pixel, "
+                                    "the values it scores, whether it is normalized, and its "
+                                    "options (--likelihood-option KEY=VALUE).")
     ls.set_defaults(func=cmd_likelihoods)
     return parser
 
@@ -171,7 +211,7 @@ _FIELDS = {
     "data": ["dataset", "data_dir", "binarize", "train_limit", "test_limit", "download"],
     "model": ["likelihood", "z_dim", "hidden_dims", "activation"],
     "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "fast_step", "seed",
-              "device", "nan_policy"],
+              "device", "nan_policy", "tensorboard"],
 }
 # config fields whose flag is not simply --field-name
 _FLAGS = {"likelihood_options": "--likelihood-option", "download": "--no-download",
@@ -189,12 +229,23 @@ def for_cli(message: str) -> str:
     message = _FIELD.sub(lambda m: _flag(m[1]) + (f" {m[2]}" if m[2] else ""), message)
     message = re.sub(r"\bresume=", "--resume ", message)
     message = message.replace("force=True", "--force").replace(" out folder", " --out")
+    message = re.sub(r"\bimport ([\w.]+) before loading the run", r"pass --import \1", message)
+    message = message.replace("then import it before loading the run", "then --import it")
+    message = re.sub(r"or register your own with register_(\w+)",
+                     r"or register your own \1 in a module and --import it", message)
     return message
 
 
+def read_config_file(path: Path) -> RunConfig:
+    try:
+        return RunConfig.read(path)
+    except ConfigError as e:
+        raise ConfigError(f"--config {e}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """A :class:`RunConfig` with the defaults, overridden by the arguments given."""
-    config = RunConfig()
+    """The settings of ``--config`` (else the defaults), overridden by the flags given."""
+    config = read_config_file(args.config) if args.config is not None else RunConfig()
     for section, names in _FIELDS.items():
         for name in names:
             value = getattr(args, name)
@@ -211,6 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  if n != "epochs" and getattr(args, n) is not None]
         given += ["--likelihood-option"] if args.likelihood_option else []
         given += ["--out"] if args.out is not None else []
+        given += ["--config"] if args.config is not None else []
         if given:
             raise ConfigError(f"--resume continues a run with its own settings; drop "
                               f"{', '.join(given)} (only --epochs applies)")
@@ -238,7 +290,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _figures(run, kinds=None) -> list[Path]:
-    return save_figures(figures_for_run(run, kinds), run.path / "figures")
+    return write_figures(run, kinds)
 
 
 def _load(args):
@@ -249,9 +301,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.iwae_samples < 1 or args.batch_size < 1:
         raise ConfigError("--iwae-samples and --batch-size must be positive integers")
     run = _load(args)
-    result = evaluate_run(run, args.split, args.iwae_samples, args.batch_size,
-                          progress=not args.quiet and sys.stderr.isatty())
-    (run.path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = evaluate(run, args.split, args.iwae_samples, args.batch_size,
+                      progress=False if args.quiet else None)
     k = result["iwae_samples"]
     rows = [("ELBO", result["elbo"], result["elbo_se"]),
             ("  E_q log p(x|z)", result["log_likelihood_term"], result["log_likelihood_term_se"]),
@@ -268,12 +319,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {'bits/dim':18s} {result['bits_per_dim']:10.4f}")
     if not result["normalized"]:
         print("  note: this likelihood is not normalized; these are not log-likelihoods")
-    print(f"wrote {run.path / 'eval.json'} ({result['seconds']:.1f} s)")
+    print(f"kept in {run.path / 'eval.json'} under {args.split}, K={k} "
+          f"({result['seconds']:.1f} s)")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    for path in _figures(_load(args)):
+    for path in _figures(_load(args), args.only):
         print(path)
     return 0
 
@@ -283,19 +335,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("-n must be a positive integer")
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
-    run = load_run(args.run_dir)
-    torch.manual_seed(args.seed)
-    d = run.vae.sample_prior(args.num_samples)
-    if args.draws:
-        try:
-            images, what = d.sample(), "draws x ~ p(x | z)"
-        except NotImplementedError as e:
-            raise ConfigError(f"{e}; drop --draws") from None
-    else:
-        images, what = d.mean, "mean of p(x | z)"
-    fig = image_grid(images, title=f"{args.num_samples} prior samples: {what}")
-    path = save_figures({args.out.stem: fig}, args.out.parent or Path("."))[0]
-    print(path)
+    try:
+        sample(_load(args), args.num_samples, draws=args.draws, seed=args.seed, out=args.out)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("(draws=False)", "(drop --draws)")) from None
+    print(args.out)
     return 0
 
 
@@ -306,39 +350,54 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.chains < 2:
         print("pyro-vae: note: R-hat needs at least 2 chains; it is reported as NaN",
               file=sys.stderr)
-    run = load_run(args.run_dir)
-    x = run.data.test_x[: args.images]
-    result = diagnose(run.vae, x, args.num_samples, args.warmup, args.chains,
-                      iwae_samples=args.iwae_samples, seed=args.seed,
-                      labels=run.data.test_y[: args.images].tolist())
-    (run.path / "diagnostics.json").write_text(json.dumps(
-        {"images": result.per_image, "settings": vars(args) | {"run_dir": str(args.run_dir)}},
-        indent=2, default=str) + "\n")
+    run = _load(args)
+    result = diagnose_run(run, args.images, args.num_samples, args.warmup, args.chains,
+                          args.iwae_samples, args.seed, progress=False if args.quiet else None)
     rows = result.per_image
-    figures = {
-        "diagnostics_pairs": posterior_pairs(result.guide_draws[0], result.nuts_draws[0]),
-        "diagnostics_forest": forest(result.guide_draws[0], result.nuts_draws[0]),
-        "diagnostics_khat": khat_per_image([r["k_hat"] for r in rows]),
-        "diagnostics_gaps": inference_gap_bars([r["approximation_gap"] for r in rows],
-                                               [r["amortization_gap"] for r in rows]),
-    }
-    paths = save_figures(figures, run.path / "figures")
     print(f"{'image':>5} {'label':>5} {'R-hat':>6} {'ESS bulk':>8} {'div':>4} {'k-hat':>6} "
           f"{'log p(x)':>9} {'approx gap':>10} {'amort gap':>9}")
     for r in rows:
         print(f"{r['image']:>5} {r['label']:>5} {r['rhat_max']:6.3f} {r['ess_bulk_min']:8.0f} "
               f"{r['divergences']:>4} {r['k_hat']:6.2f} {r['log_px']:9.2f} "
               f"{r['approximation_gap']:10.2f} {r['amortization_gap']:9.2f}")
-    print(f"wrote {run.path / 'diagnostics.json'} and {len(paths)} figures in "
-          f"{run.path / 'figures'}")
+    print(f"wrote {run.path / 'diagnostics.json'} and 4 figures in "
+          f"{run.path / 'figures'} (diagnostics_*.png)")
     return 0
 
 
 def cmd_likelihoods(args: argparse.Namespace) -> int:
     for name in available_likelihoods():
         lik = get_likelihood(name)
-        print(f"{name:22s} {lik.num_params} output(s)/pixel  {lik.description}")
+        options = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k} (required)"
+                            for k, v in lik.options().items()) or "none"
+        print(f"{name}\n  {_plain(lik.description)}\n"
+              f"  {lik.num_params} decoder output(s) per pixel; scores "
+              f"{describe_support(lik.support)}; "
+              f"{'normalized' if lik.normalized else 'NOT normalized (not a likelihood)'}"
+              f"{'; binary pixels only' if lik.binary else ''}\n  options: {options}")
     return 0
+
+
+def _plain(text: str) -> str:
+    """A docstring's first line without reStructuredText markup (``x`` -> x)."""
+    return re.sub(r"``([^`]*)``", r"\1", text)
+
+
+def _import_plugins(modules: list[str]) -> None:
+    """Import each ``--import`` module (from the current folder too, as ``python -m``)."""
+    if modules and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"--import {name}: no module named {e.name!r} (put {name}.py in "
+                              "the current folder or on PYTHONPATH)") from None
+        except PyroVAEError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's module failed: say how, in one line
+            text = " ".join(str(e).split())[:200]
+            raise ConfigError(f"--import {name} failed: {type(e).__name__}: {text}") from None
 
 
 def _progress(args) -> bool | None:
@@ -370,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False) or _rank() > 0
     _log_to_stderr(logging.WARNING if quiet else logging.INFO)
     try:
+        _import_plugins(getattr(args, "imports", []))
         return args.func(args)
     except Exception as e:  # noqa: BLE001 - every failure leaves as one line
         if os.environ.get("PYRO_VAE_DEBUG"):

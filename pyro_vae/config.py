@@ -12,8 +12,11 @@ likelihood registry (a likelihood's name and options) live in
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -31,6 +34,7 @@ MAX_SEED = 2**32 - 1  # numpy's seed range, which pyro.set_rng_seed passes seeds
 class ModelConfig:
     likelihood: str = "bernoulli"  # a name from pyro_vae.available_likelihoods()
     likelihood_options: dict[str, float] = field(default_factory=dict)  # e.g. {"scale": 0.1}
+    likelihood_module: str | None = None  # module that registered it; None: built in (set)
     z_dim: int = 20  # latent dimensions
     hidden_dims: tuple[int, ...] = (400,)  # encoder hidden sizes; the decoder mirrors them
     activation: str = "relu"  # relu | softplus | tanh | elu
@@ -60,6 +64,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 1000  # images per batch when computing the test ELBO
     nan_policy: str = "stop"  # stop: fail on a non-finite loss; skip: skip such steps
+    tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard/
 
 
 @dataclass
@@ -103,6 +108,25 @@ class RunConfig:
             model.hidden_dims = tuple(model.hidden_dims)
         return cls(**parts)
 
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> RunConfig:
+        """The settings in a JSON file with the schema of a run's ``config.json`` (sections
+        and fields left out keep their defaults)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})"
+                              ) from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+
     def validate(self) -> RunConfig:
         """Raise :class:`ConfigError` on the first invalid value; return self."""
         m, d, t = self.model, self.data, self.train
@@ -131,6 +155,10 @@ class RunConfig:
         _choice("TrainConfig.elbo", t.elbo, ELBOS)
         _choice("TrainConfig.device", t.device, DEVICES)
         _choice("TrainConfig.nan_policy", t.nan_policy, NAN_POLICIES)
+        for name in ("fast_step", "tensorboard"):
+            if not isinstance(getattr(t, name), bool):
+                raise ConfigError(f"TrainConfig.{name} must be true or false, "
+                                  f"got {getattr(t, name)!r}")
         return self
 
 

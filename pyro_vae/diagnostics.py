@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ from .arviz_compat import ess, pareto_khat, rhat, to_arviz
 from .estimators import fixed_noise, log_weights
 from .model import VAE
 from .objective import Objective, SyncFreeTrace_ELBO
+from .progress import Progress, duration
 from .runner.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -184,19 +186,48 @@ class Diagnosis:
     nuts_draws: np.ndarray | None = None  # (image, chain, draw, latent)
 
 
+PILOT_ITERATIONS = 40  # NUTS iterations timed to estimate the cost of a diagnosis
+
+
+def estimate_seconds(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int = 500,
+                     num_chains: int = 2, seed: int = 0) -> float:
+    """Seconds that :func:`diagnose` of the images ``x`` will take, roughly.
+
+    NUTS dominates: a short pilot chain on the first image (half warm-up, half draws) is
+    timed and scaled to ``num_chains * (num_warmup + num_samples)`` iterations per image.
+    The pace of NUTS varies with each posterior's geometry, so this is a guide, not a
+    promise; :func:`diagnose` reports the time left after every image.
+    """
+    half = PILOT_ITERATIONS // 2
+    with fixed_noise(seed, x.device):
+        start = time.perf_counter()
+        nuts_posterior(vae, x[0], half, half, 1, seed)
+        per_iteration = (time.perf_counter() - start) / PILOT_ITERATIONS
+    return per_iteration * num_chains * (num_warmup + num_samples) * len(x)
+
+
 def diagnose(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int = 500,
              num_chains: int = 2, gap_samples: int = 2000, iwae_samples: int = 5000,
-             gap_steps: int = 500, seed: int = 0, labels=None) -> Diagnosis:
-    """Guide against NUTS, PSIS k-hat and inference gaps for each image in ``x`` ``(B, D)``."""
+             gap_steps: int = 500, seed: int = 0, labels=None,
+             progress: bool | None = None) -> Diagnosis:
+    """Guide against NUTS, PSIS k-hat and inference gaps for each image in ``x`` ``(B, D)``.
+
+    ``progress``: ``None`` -- a bar on a terminal, else a log line per image with the time
+    left; ``False`` -- silent.
+    """
     vae.eval()
     with fixed_noise(seed, x.device), torch.no_grad():
         guide_draws = vae.encode(x).sample((num_samples,)).permute(1, 0, 2).cpu().numpy()
     nuts, divergent = [], []
-    for i in range(len(x)):
-        log.info("NUTS for image %d of %d", i + 1, len(x))
-        draws, div = nuts_posterior(vae, x[i], num_samples, num_warmup, num_chains, seed + 10 * i)
-        nuts.append(draws)
-        divergent.append(div)
+    started = time.perf_counter()
+    with Progress(len(x), "NUTS", unit="image", show=progress, every=1 / len(x)) as bar:
+        for i in range(len(x)):
+            draws, div = nuts_posterior(vae, x[i], num_samples, num_warmup, num_chains,
+                                        seed + 10 * i)
+            nuts.append(draws)
+            divergent.append(div)
+            bar.update()
+    log.debug("NUTS took %s", duration(time.perf_counter() - started))
     nuts_draws = np.stack(nuts)  # (image, chain, draw, latent)
     gaps = inference_gaps(vae, x, gap_samples, iwae_samples, gap_steps, seed,
                           posterior_draws=nuts_draws.reshape(len(x), -1, vae.z_dim))

@@ -28,3 +28,7 @@ class RunDirError(PyroVAEError):
 
 class TrainingDiverged(PyroVAEError):
     """A non-finite loss or gradient; the run folder keeps its last finished epoch."""
+
+
+class NotRegisteredError(ConfigError):
+    """A likelihood or network name that this process has not registered (yet)."""

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
-from tqdm.auto import tqdm
 
 from .model import VAE
+from .progress import Progress
 
 
 @contextlib.contextmanager
@@ -106,7 +106,7 @@ def importance_log_likelihood(
     batch_size: int = 100,
     max_elements: int = 2**24,
     seed: int | None = 0,
-    progress: bool = False,
+    progress: bool | str | None = False,
 ) -> torch.Tensor:
     r"""Importance-sampled estimate of ``log p(x)`` per image (Burda et al., 2015).
 
@@ -116,7 +116,8 @@ def importance_log_likelihood(
     A lower bound in expectation that tightens as ``K = num_samples`` grows; with ``K = 1``
     it is the ELBO. Samples are drawn in chunks of at most ``max_elements`` decoder
     outputs at once, so memory stays bounded for any ``K``; the running sum is kept in
-    log space. Returns a tensor of shape ``(N,)`` on ``x.device``.
+    log space. Returns a tensor of shape ``(N,)`` on ``x.device``. ``progress``: as
+    ``show`` of :class:`~pyro_vae.progress.Progress` (``False``: silent).
     """
     was_training = vae.training
     vae.eval()
@@ -124,14 +125,15 @@ def importance_log_likelihood(
     chunk = max(1, min(num_samples, max_elements // per_sample))
     out = []
     batches = x.split(batch_size)
-    bar = tqdm(batches, desc=f"log p(x), K={num_samples}", unit="batch", disable=not progress)
-    with fixed_noise(seed, x.device):
-        for xb in bar:
+    bar = Progress(len(x), f"log p(x), K={num_samples}", unit="image", show=progress)
+    with fixed_noise(seed, x.device), bar:
+        for xb in batches:
             total = xb.new_full((xb.shape[0],), -math.inf)  # log sum_k w_k so far, (B,)
             for start in range(0, num_samples, chunk):
                 k = min(chunk, num_samples - start)
                 log_w = log_weights(vae, xb, k).log_weight  # (k, B)
                 total = torch.logaddexp(total, log_w.logsumexp(0))
             out.append(total - math.log(num_samples))
+            bar.update(len(xb))
     vae.train(was_training)
     return torch.cat(out)

@@ -24,12 +24,14 @@ def evaluate_run(
     split: str = "test",
     num_samples: int = 5000,
     batch_size: int = 100,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> dict:
     """ELBO terms and importance-sampled ``log p(x)`` of a trained run on one split.
 
     Returns means over images (nats per image) with their standard errors; bits per
     dimension where the likelihood is a probability mass function of the data it scores.
+    ``progress``: ``None`` -- a bar on a terminal, log lines with the time left elsewhere;
+    ``False`` -- silent. :func:`pyro_vae.evaluate` also keeps the result in the run folder.
     """
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")

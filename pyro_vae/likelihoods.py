@@ -43,11 +43,14 @@ from torch.distributions import constraints
 
 from .distributions import AffineBeta, ContinuousBernoulli, OpenInterval, UnnormalizedBernoulli
 from .errors import ConfigError, DataError
+from .registry import Registry
 
 __all__ = [
     "Likelihood",
     "available_likelihoods",
     "get_likelihood",
+    "describe_support",
+    "likelihood_module",
     "register_likelihood",
 ]
 
@@ -71,6 +74,12 @@ class Likelihood:
         Returns a distribution with batch shape ``(..., D)``.
         """
         return self.build(*raw.unbind(-2), **options)
+
+    def options(self) -> dict[str, object]:
+        """The builder's keyword options and their defaults (``inspect.Parameter.empty``
+        for a required one)."""
+        params = list(inspect.signature(self.build).parameters.values())[self.num_params :]
+        return {p.name: p.default for p in params}
 
     def check_options(self, options: dict) -> None:
         """Raise :class:`ConfigError` for an option the builder rejects, by name or value."""
@@ -105,11 +114,11 @@ class Likelihood:
             fix = "choose a likelihood whose support holds it"
         raise DataError(
             f"{what} has values in [{lo:g}, {hi:g}], outside the support of likelihood "
-            f"'{self.name}' ({_describe(self.support)}); {fix}"
+            f"'{self.name}' ({describe_support(self.support)}); {fix}"
         )
 
 
-_REGISTRY: dict[str, Likelihood] = {}
+_REGISTRY: Registry[Likelihood] = Registry("likelihood", "ModelConfig.likelihood")
 
 
 def register_likelihood(
@@ -128,17 +137,17 @@ def register_likelihood(
     returns a distribution with batch shape ``(..., D)``; keyword options after the
     parameters become the likelihood's settings (e.g. a fixed scale). Returns ``build``
     unchanged, so the function stays usable on its own.
+
+    Define it in a module (not a notebook cell or ``__main__``) to use its runs from other
+    processes: a run records the module, and ``pyro-vae --import MODULE`` loads it.
+    Registering the same function again (a re-run cell) is allowed; another function under
+    a taken name needs ``overwrite=True``.
     """
 
     def decorator(build):
-        if name in _REGISTRY and not overwrite:
-            raise ConfigError(
-                f"a likelihood named '{name}' is registered already; "
-                "pass overwrite=True to replace it"
-            )
         if num_params < 1:
             raise ConfigError(f"num_params must be at least 1, got {num_params}")
-        _REGISTRY[name] = Likelihood(
+        _REGISTRY.add(name, Likelihood(
             name=name,
             build=build,
             num_params=num_params,
@@ -147,7 +156,7 @@ def register_likelihood(
             relaxed=relaxed,
             normalized=normalized,
             description=(inspect.getdoc(build) or "").split("\n")[0],
-        )
+        ), build, overwrite=overwrite)
         return build
 
     return decorator
@@ -155,27 +164,30 @@ def register_likelihood(
 
 def available_likelihoods() -> list[str]:
     """Names of all registered likelihoods, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
-def get_likelihood(name: str) -> Likelihood:
-    """The likelihood registered under ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown likelihood '{name}'; ModelConfig.likelihood must be one of: "
-            f"{', '.join(available_likelihoods())}"
-        ) from None
+def get_likelihood(name: str, module: str | None = None) -> Likelihood:
+    """The likelihood registered under ``name``.
+
+    ``module``: where a run recorded it comes from (``ModelConfig.likelihood_module``),
+    named in the error if this process has not imported it.
+    """
+    return _REGISTRY.get(name, module)
 
 
-def _describe(support: constraints.Constraint) -> str:
+def likelihood_module(name: str) -> str | None:
+    """The module that registered likelihood ``name`` (``None`` for built-in ones)."""
+    return _REGISTRY.module_of(name)
+
+
+def describe_support(support: constraints.Constraint) -> str:
     if support is constraints.boolean:
         return "{0, 1}"
     if support is constraints.real:
         return "all reals"
     if isinstance(support, OpenInterval):
-        return f"({support.lower_bound:g}, {support.upper_bound:g})"
+        return f"({support.lower_bound:.4g}, {support.upper_bound:.4g})"
     if isinstance(support, constraints.interval):
         return f"[{support.lower_bound:g}, {support.upper_bound:g}]"
     return repr(support)

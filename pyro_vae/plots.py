@@ -8,7 +8,9 @@ raw parameter: for the continuous Bernoulli the two differ.
 
 from __future__ import annotations
 
+import io
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,17 +21,42 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .estimators import fixed_noise
+from .latents import interpolations, kl_per_dimension, prior_quantiles, traversals
 from .model import VAE
 from .runner.rundir import Run
 
 IMAGE_SHAPE = (28, 28)
+INLINE_DPI = 80  # notebooks: small PNGs that read on a repository page
+
+
+class InlineFigure(Figure):
+    """A matplotlib :class:`~matplotlib.figure.Figure` that shows itself as a PNG in
+    Jupyter and VS Code (``_repr_png_``), with no pyplot and no inline backend needed."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=INLINE_DPI)
+        return buffer.getvalue()
+
+
+def new_figure(figsize: tuple[float, float]) -> InlineFigure:
+    return InlineFigure(figsize=figsize, layout="constrained")
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = new_figure(figsize)
     return fig, fig.add_subplot()
+
+
+def _title(text: str, width_inches: float) -> str:
+    """``text`` wrapped to the width of a figure (10-point characters)."""
+    return "\n".join(textwrap.wrap(text, max(16, int(width_inches * 13))))
+
+
+def _with(title: str, about: str | None) -> str:
+    return f"{title} -- {about}" if about else title
 
 
 def tile(images, ncols: int, image_shape=IMAGE_SHAPE, pad: int = 1) -> np.ndarray:
@@ -50,7 +77,11 @@ def image_grid(images, ncols: int | None = None, title: str | None = None,
     images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
     ncols = ncols or math.ceil(math.sqrt(len(images)))
     nrows = math.ceil(len(images) / ncols)
-    fig, ax = _axes(ax, (0.45 * ncols + 0.3, 0.45 * nrows + 0.5))
+    width = max(0.45 * ncols + 0.3, 3.0)  # room for a title above one or two images
+    if title:
+        title = _title(title, width)
+    lines = title.count("\n") + 1 if title else 0
+    fig, ax = _axes(ax, (width, 0.45 * nrows + 0.3 + 0.2 * lines))
     ax.imshow(tile(images, ncols, image_shape), cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_axis_off()
@@ -60,7 +91,7 @@ def image_grid(images, ncols: int | None = None, title: str | None = None,
 
 
 def reconstructions(inputs, means, ncols: int = 16, image_shape=IMAGE_SHAPE,
-                    ax: Axes | None = None) -> Figure:
+                    ax: Axes | None = None, about: str | None = None) -> Figure:
     """Inputs (top row of each pair) above their reconstructions (likelihood means)."""
     inputs, means = np.asarray(inputs), np.asarray(means)
     rows = []
@@ -69,21 +100,42 @@ def reconstructions(inputs, means, ncols: int = 16, image_shape=IMAGE_SHAPE,
     grid = np.concatenate([np.pad(r, ((0, ncols - len(r)), (0, 0)), constant_values=1)
                            for r in rows])
     fig = image_grid(grid, ncols, image_shape=image_shape, ax=ax,
-                     title="inputs (odd rows) and reconstructions: mean of p(x | z = E_q[z])")
+                     title=_with("inputs (odd rows) and reconstructions: mean of "
+                                 "p(x | z = E_q[z])", about))
     return fig
 
 
-def training_curves(metrics: Sequence[dict], ax: Axes | None = None) -> Figure:
-    """Train and test ELBO (nats per image) against epoch, from ``metrics.jsonl`` records."""
+def training_curves(metrics: Sequence[dict], ax: Axes | None = None,
+                    about: str | None = None) -> Figure:
+    """Train and test ELBO (nats per image) against epoch, from ``metrics.jsonl`` records.
+
+    The first epoch's train ELBO (an average over a model still learning) is often far
+    below the rest; the y-axis is then scaled to the later epochs and the first point is
+    marked off the scale instead of squashing every other one.
+    """
     fig, ax = _axes(ax, (5.5, 3.6))
-    epochs = [r["epoch"] for r in metrics]
-    train = [np.nan if r["train_elbo"] is None else r["train_elbo"] for r in metrics]
+    epochs = np.array([r["epoch"] for r in metrics])
+    train = np.array([np.nan if r["train_elbo"] is None else r["train_elbo"] for r in metrics],
+                     dtype=float)
+    test = np.array([np.nan if r["test_elbo"] is None else r["test_elbo"] for r in metrics],
+                    dtype=float)
     ax.plot(epochs, train, "o-", label="train (average over epoch)")
-    ax.plot(epochs, [r["test_elbo"] for r in metrics], "s-", label="test")
+    ax.plot(epochs, test, "s-", label="test")
+    later = np.concatenate([train[1:], test[1:]])
+    later = later[np.isfinite(later)]
+    if len(later) >= 2:
+        lo, hi = later.min(), later.max()
+        margin = 0.1 * (hi - lo) or 1.0
+        first = np.nanmin([train[0], test[0]]) if np.isfinite([train[0], test[0]]).any() \
+            else np.nan
+        if np.isfinite(first) and first < lo - 3 * margin:
+            ax.set_ylim(lo - margin, hi + margin)
+            ax.annotate(f"epoch {epochs[0]}: {first:.1f} (off scale)", (epochs[0], lo - margin),
+                        xytext=(4, 6), textcoords="offset points", fontsize=8, color="gray")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("ELBO (nats per image)")
-    ax.set_title("Training curves (higher is better)", fontsize=10)
+    ax.set_title(_title(_with("Training curves (higher is better)", about), 5.5), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -100,7 +152,7 @@ def pca_2d(z: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return centred @ vt[:2].T, explained
 
 
-def latent_scatter(z, labels, ax: Axes | None = None) -> Figure:
+def latent_scatter(z, labels, ax: Axes | None = None, about: str | None = None) -> Figure:
     """Posterior means of test images, coloured by label (PCA to 2-D when ``d > 2``)."""
     z = torch.as_tensor(np.asarray(z), dtype=torch.float32)
     labels = np.asarray(labels)
@@ -121,13 +173,13 @@ def latent_scatter(z, labels, ax: Axes | None = None) -> Figure:
     fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_title(_with(title, about), 5.6), fontsize=10)
     return fig
 
 
 @torch.no_grad()
 def latent_manifold(vae: VAE, n: int = 15, image_shape=IMAGE_SHAPE,
-                    ax: Axes | None = None) -> Figure:
+                    ax: Axes | None = None, about: str | None = None) -> Figure:
     """For a 2-D latent space: decoded means over a grid of prior quantiles 5%..95%."""
     if vae.z_dim != 2:
         raise ValueError(f"the manifold plot needs z_dim = 2, this VAE has {vae.z_dim}")
@@ -145,51 +197,131 @@ def latent_manifold(vae: VAE, n: int = 15, image_shape=IMAGE_SHAPE,
     ax.set_yticks([t * h + h / 2 for t in ticks], [f"{q.flip(0)[t]:.2f}" for t in ticks])
     ax.set_xlabel("z_1 (prior quantiles 5% to 95%)")
     ax.set_ylabel("z_2")
-    ax.set_title("Decoded means over the latent grid", fontsize=10)
+    ax.set_title(_title(_with("Decoded means over the latent grid", about), 5.2), fontsize=10)
     return fig
 
 
 @torch.no_grad()
-def prior_samples(vae: VAE, num_samples: int = 64, seed: int = 0) -> dict[str, Figure]:
+def prior_samples(vae: VAE, num_samples: int = 64, seed: int = 0, about: str | None = None
+                  ) -> dict[str, Figure]:
     """Images from the prior: the likelihood's means and, where it has them, actual draws."""
     device = next(vae.parameters()).device
     with fixed_noise(seed, device):
         d = vae.sample_prior(num_samples)
-        figures = {"samples": image_grid(d.mean.cpu(), title="Prior samples: mean of p(x | z)")}
+        figures = {"samples": image_grid(
+            d.mean.cpu(), title=_with(f"{num_samples} prior samples: mean of p(x | z)", about))}
         try:
             draws = d.sample().cpu()
         except NotImplementedError:  # the relaxed Bernoulli is not a distribution
             return figures
-    figures["samples_drawn"] = image_grid(draws, title="Prior samples: draws x ~ p(x | z)")
+    figures["samples_drawn"] = image_grid(
+        draws, title=_with(f"{num_samples} prior samples: draws x ~ p(x | z)", about))
     return figures
+
+
+def _image_rows(rows, labels: Sequence[str], columns: Sequence[str], title: str,
+                image_shape=IMAGE_SHAPE) -> Figure:
+    """A grid ``rows`` ``(R, C, H*W)`` with a label per row and per column."""
+    rows = np.clip(np.asarray(rows, dtype=np.float32), 0, 1)
+    nrows, ncols = rows.shape[:2]
+    h, w = image_shape
+    width = 0.5 * ncols + 1.6
+    fig = new_figure((width, 0.5 * nrows + 0.9))
+    ax = fig.add_subplot()
+    ax.imshow(tile(rows.reshape(nrows * ncols, -1), ncols, image_shape, pad=0), cmap="gray",
+              vmin=0, vmax=1, interpolation="nearest",
+              extent=(-0.5, ncols * w - 0.5, nrows * h - 0.5, -0.5))
+    ax.set_yticks([r * h + h / 2 for r in range(nrows)], labels, fontsize=8)
+    ax.set_xticks([c * w + w / 2 for c in range(ncols)], columns, fontsize=7)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(_title(title, width), fontsize=10)
+    return fig
+
+
+@torch.no_grad()
+def traversal_grid(vae: VAE, x: torch.Tensor, x_pool: torch.Tensor | None = None,
+                   num_dims: int = 8, steps: int = 9, about: str | None = None) -> Figure:
+    """Latent traversals of the one image ``x``: for the ``num_dims`` dimensions with the
+    largest average KL over ``x_pool`` (default: ``x`` alone), each set to prior quantiles
+    5%..95% with the others at the posterior mean of ``x``; the decoded means."""
+    x = x.reshape(1, -1)
+    kl = kl_per_dimension(vae, x if x_pool is None else x_pool)
+    dims = kl.argsort(descending=True)[: min(num_dims, vae.z_dim)].tolist()
+    values = prior_quantiles(steps, device=x.device)
+    images = traversals(vae, x[0], dims, values).cpu()
+    labels = [f"z_{d + 1} (KL {kl[d]:.2f})" for d in dims]
+    columns = [f"{v:+.1f}" for v in values.tolist()]
+    return _image_rows(images, labels, columns, _with(
+        "Latent traversals: one dimension at prior quantiles 5%..95% (columns), the others "
+        "at E_q[z | x]; rows by average KL", about))
+
+
+@torch.no_grad()
+def interpolation_grid(vae: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10,
+                       about: str | None = None) -> Figure:
+    """For each pair of images: the linear and the spherical path between their posterior
+    means, decoded (rows in pairs: linear, then spherical)."""
+    linear = interpolations(vae, x_from, x_to, steps, "linear").cpu()
+    spherical = interpolations(vae, x_from, x_to, steps, "spherical").cpu()
+    rows = torch.stack([linear, spherical], 1).flatten(0, 1)  # (2P, steps, D)
+    labels = [f"pair {p + 1} {kind}" for p in range(len(x_from))
+              for kind in ("linear", "spherical")]
+    columns = [f"{t:.2f}" for t in torch.linspace(0, 1, steps).tolist()]
+    return _image_rows(rows, labels, columns, _with(
+        "Interpolations between the posterior means of two test images (t = 0 .. 1)", about))
+
+
+FIGURE_KINDS = ("reconstructions", "samples", "curves", "latent", "manifold", "traversals",
+                "interpolations")
 
 
 @torch.no_grad()
 def run_figures(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor,
                 metrics: Sequence[dict] = (), kinds: Sequence[str] | None = None,
-                num_images: int = 2000) -> dict[str, Figure]:
-    """All figures of a trained run (or the ``kinds`` named), by file stem."""
-    kinds = set(kinds or ("reconstructions", "samples", "curves", "latent", "manifold"))
+                num_images: int = 2000, about: str | None = None) -> dict[str, Figure]:
+    """All figures of a trained run (or the ``kinds`` named, from :data:`FIGURE_KINDS`),
+    by file stem; ``about`` (e.g. the run and its likelihood) ends every title."""
+    kinds = set(kinds or FIGURE_KINDS)
+    unknown = kinds - set(FIGURE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown figure kinds {sorted(unknown)}; choose from {FIGURE_KINDS}")
     figures: dict[str, Figure] = {}
     vae.eval()
     if "reconstructions" in kinds:
         x = test_x[:32]
-        figures["reconstructions"] = reconstructions(x.cpu(), vae.reconstruct(x).cpu())
+        figures["reconstructions"] = reconstructions(x.cpu(), vae.reconstruct(x).cpu(),
+                                                     about=about)
     if "samples" in kinds:
-        figures.update(prior_samples(vae))
+        figures.update(prior_samples(vae, about=about))
     if "curves" in kinds and metrics:
-        figures["curves"] = training_curves(metrics)
+        figures["curves"] = training_curves(metrics, about=about)
     if "latent" in kinds:
         z = vae.encode(test_x[:num_images]).loc.cpu()
-        figures["latent"] = latent_scatter(z, test_y[:num_images].cpu())
+        figures["latent"] = latent_scatter(z, test_y[:num_images].cpu(), about=about)
     if "manifold" in kinds and vae.z_dim == 2:
-        figures["manifold"] = latent_manifold(vae)
+        figures["manifold"] = latent_manifold(vae, about=about)
+    if "traversals" in kinds:
+        figures["traversals"] = traversal_grid(vae, test_x[0], test_x[:num_images],
+                                               about=about)
+    if "interpolations" in kinds and len(test_x) >= 2:
+        pairs = min(3, len(test_x) // 2)
+        figures["interpolations"] = interpolation_grid(
+            vae, test_x[:pairs], test_x[pairs : 2 * pairs], about=about)
     return figures
+
+
+def describe(run: Run) -> str:
+    """``runs/quickstart: bernoulli, epoch 10``: what every title of a run names."""
+    name = run.path.name if run.path is not None else "in memory"
+    return f"{name}: {run.vae.likelihood.name}, epoch {run.epoch}"
 
 
 def figures_for_run(run: Run, kinds: Sequence[str] | None = None) -> dict[str, Figure]:
     """:func:`run_figures` of a :class:`~pyro_vae.runner.rundir.Run` and its own data."""
-    return run_figures(run.vae, run.data.test_x, run.data.test_y, run.metrics, kinds)
+    return run_figures(run.vae, run.data.test_x, run.data.test_y, run.metrics, kinds,
+                       about=describe(run))
 
 
 def save_figures(figures: dict[str, Figure], folder: str | Path, dpi: int = 110) -> list[Path]:
@@ -210,7 +342,7 @@ def labelled_rows(rows: Sequence[tuple[str, object]], ncols: int = 10, title: st
 
     ``images`` may be ``None`` for a row that has none (drawn empty, label kept).
     """
-    fig = Figure(figsize=(0.55 * ncols + 3.4, 0.62 * len(rows) + 0.4), layout="constrained")
+    fig = new_figure((0.55 * ncols + 3.4, 0.62 * len(rows) + 0.4))
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (label, images) in zip(axes, rows):
         if images is not None:
@@ -230,16 +362,17 @@ def labelled_rows(rows: Sequence[tuple[str, object]], ncols: int = 10, title: st
 # -- Posterior diagnostics -------------------------------------------------------------------
 
 
-def posterior_pairs(guide_draws, nuts_draws, pairs=((0, 1), (2, 3)), title: str | None = None
-                    ) -> Figure:
+def posterior_pairs(guide_draws, nuts_draws, pairs=((0, 1), (2, 3)), title: str | None = None,
+                    image: str | None = None) -> Figure:
     """Guide draws against NUTS draws for pairs of latent dimensions of one image.
 
-    ``guide_draws``: ``(draw, latent)``; ``nuts_draws``: ``(chain, draw, latent)``.
+    ``guide_draws``: ``(draw, latent)``; ``nuts_draws``: ``(chain, draw, latent)``;
+    ``image`` names the image in the title (e.g. ``"test image 0, label 7"``).
     """
     guide_draws = np.asarray(guide_draws)
     nuts = np.asarray(nuts_draws).reshape(-1, guide_draws.shape[-1])
     pairs = [p for p in pairs if max(p) < guide_draws.shape[-1]] or [(0, 0)]
-    fig = Figure(figsize=(4.2 * len(pairs), 4.0), layout="constrained")
+    fig = new_figure((4.2 * len(pairs), 4.0))
     for ax, (i, j) in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs):
         ax.scatter(nuts[:, i], nuts[:, j], s=4, alpha=0.35, label="NUTS (reference)")
         ax.scatter(guide_draws[:, i], guide_draws[:, j], s=4, alpha=0.35,
@@ -247,11 +380,13 @@ def posterior_pairs(guide_draws, nuts_draws, pairs=((0, 1), (2, 3)), title: str 
         ax.set_xlabel(f"z_{i + 1}")
         ax.set_ylabel(f"z_{j + 1}")
         ax.legend(markerscale=3, fontsize=8)
-    fig.suptitle(title or "Posterior draws: amortized guide against NUTS", fontsize=10)
+    fig.suptitle(title or _with("Posterior draws: amortized guide against NUTS", image),
+                 fontsize=10)
     return fig
 
 
-def forest(guide_draws, nuts_draws, prob: float = 0.94, ax: Axes | None = None) -> Figure:
+def forest(guide_draws, nuts_draws, prob: float = 0.94, ax: Axes | None = None,
+           image: str | None = None) -> Figure:
     """Per latent dimension: mean and central ``prob`` interval, guide against NUTS."""
     guide_draws = np.asarray(guide_draws)
     nuts = np.asarray(nuts_draws).reshape(-1, guide_draws.shape[-1])
@@ -266,33 +401,55 @@ def forest(guide_draws, nuts_draws, prob: float = 0.94, ax: Axes | None = None) 
     ax.set_yticks(np.arange(d), [f"z_{i + 1}" for i in range(d)])
     ax.invert_yaxis()
     ax.set_xlabel(f"value (mean and {100 * prob:.0f}% interval)")
-    ax.set_title("Forest plot of one image's posterior", fontsize=10)
+    ax.set_title(_title(_with("Forest plot of one image's posterior", image), 5.5),
+                 fontsize=10)
     ax.legend(fontsize=8)
     return fig
 
 
-def khat_per_image(k_hat: Sequence[float], ax: Axes | None = None) -> Figure:
-    """Pareto k-hat of the guide's importance weights per image, with the usual thresholds."""
+KHAT_GOOD, KHAT_BAD = 0.5, 0.7  # Vehtari et al.: < 0.5 good, 0.5-0.7 usable, > 0.7 bad
+
+
+def _image_axis(ax: Axes, images: Sequence[int] | None, n: int) -> np.ndarray:
+    """Bars at 0..n-1, labelled with the images' own indices (integers, never 0.5)."""
+    idx = np.arange(n)
+    ax.set_xticks(idx, [str(i) for i in (images if images is not None else idx)])
+    ax.set_xlabel("test image")
+    return idx
+
+
+def khat_per_image(k_hat: Sequence[float], ax: Axes | None = None,
+                   images: Sequence[int] | None = None, about: str | None = None) -> Figure:
+    """Pareto k-hat of the guide's importance weights per image, coloured by the usual
+    thresholds (green < 0.5 good, orange up to 0.7 usable, red above: unreliable)."""
     fig, ax = _axes(ax, (5.5, 3.2))
-    ax.bar(np.arange(len(k_hat)), k_hat, color="C2")
-    for level, text in [(0.5, "0.5 good"), (0.7, "0.7 unreliable")]:
+    k_hat = np.asarray(k_hat, dtype=float)
+    colours = np.where(k_hat < KHAT_GOOD, "tab:green",
+                       np.where(k_hat <= KHAT_BAD, "tab:orange", "tab:red"))
+    idx = _image_axis(ax, images, len(k_hat))
+    ax.bar(idx, k_hat, color=colours)
+    top = max(float(np.nanmax(k_hat, initial=0.0)), KHAT_BAD) * 1.15
+    ax.set_ylim(min(0.0, float(np.nanmin(k_hat, initial=0.0)) * 1.15), top)
+    for level, text in [(KHAT_GOOD, "0.5: good below"), (KHAT_BAD, "0.7: unreliable above")]:
         ax.axhline(level, ls="--", lw=1, color="gray")
-        ax.text(len(k_hat) - 0.5, level, text, ha="right", va="bottom", fontsize=8)
-    ax.set_xlabel("image")
+        ax.text(0.01, level, text, transform=ax.get_yaxis_transform(), ha="left",
+                va="bottom", fontsize=8, color="dimgray")
     ax.set_ylabel("Pareto k-hat")
-    ax.set_title("How well q(z | x) serves as an importance proposal", fontsize=10)
+    ax.set_title(_title(_with("How well q(z | x) serves as an importance proposal", about),
+                        5.5), fontsize=10)
     return fig
 
 
-def inference_gap_bars(approximation, amortization, ax: Axes | None = None) -> Figure:
+def inference_gap_bars(approximation, amortization, ax: Axes | None = None,
+                       images: Sequence[int] | None = None, about: str | None = None) -> Figure:
     """Stacked per-image bars: approximation gap and amortization gap (nats)."""
     fig, ax = _axes(ax, (5.5, 3.2))
-    idx = np.arange(len(approximation))
+    idx = _image_axis(ax, images, len(approximation))
     ax.bar(idx, approximation, label="approximation gap: log p(x) - ELBO(q*)")
     ax.bar(idx, amortization, bottom=np.maximum(approximation, 0),
            label="amortization gap: ELBO(q*) - ELBO(q)")
-    ax.set_xlabel("image")
     ax.set_ylabel("nats")
-    ax.set_title("log p(x) - ELBO, decomposed (Cremer et al. 2018)", fontsize=10)
+    ax.set_title(_title(_with("log p(x) - ELBO, decomposed (Cremer et al. 2018)", about), 5.5),
+                 fontsize=10)
     ax.legend(fontsize=8)
     return fig

@@ -10,18 +10,20 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 
 # the data path, lowest layer first: a module may import from its own layer or below
 LAYERS = [
-    {"errors", "seeds", "arviz_compat"},
+    {"errors", "seeds", "arviz_compat", "registry", "progress"},
     {"config"},
     {"data", "data.sources", "data.batching"},
     {"distributions"},
     {"likelihoods", "networks"},
     {"model"},
-    {"objective", "estimators"},
+    {"objective", "estimators", "latents"},
+    {"tracking"},
     {"runner", "runner.resolve", "runner.state", "runner.signals", "runner.distributed"},
     {"runner.trainer"},
     {"runner.rundir"},
     {"runner.train"},
     {"evaluate", "plots", "diagnostics"},
+    {"commands"},
     {"cli", "__main__", "__init__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

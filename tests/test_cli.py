@@ -25,7 +25,8 @@ def test_python_dash_m_runs_the_tool_and_exits_2_on_bad_input(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "pyro-vae: error: unknown likelihood 'poisson'; --likelihood must be one of: "
-        "bernoulli, bernoulli-relaxed, beta, continuous-bernoulli, normal, normal-fixed"]
+        "bernoulli, bernoulli-relaxed, beta, continuous-bernoulli, normal, normal-fixed "
+        "(or register your own likelihood in a module and --import it)"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -90,6 +91,8 @@ def test_likelihoods_command_lists_the_registry(capsys):
     assert main(["likelihoods"]) == 0
     out = capsys.readouterr().out
     assert "continuous-bernoulli" in out and "beta" in out
+    assert "options: scale=0.1" in out and "NOT normalized" in out and "scores all reals" in out
+    assert "``" not in out  # docstring markup is not shown raw
 
 
 def test_evaluate_plot_and_sample_a_trained_run(tmp_path, capsys):
@@ -101,13 +104,17 @@ def test_evaluate_plot_and_sample_a_trained_run(tmp_path, capsys):
     assert main(["evaluate", str(out), "--iwae-samples", "50", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "log p(x), K=50" in printed and "bits/dim" in printed
-    result = json.loads((out / "eval.json").read_text())
+    assert main(["evaluate", str(out), "--iwae-samples", "2", "--quiet"]) == 0
+    kept = json.loads((out / "eval.json").read_text())
+    assert set(kept["test"]) == {"50", "2"}  # a quick check does not replace a longer one
+    result = kept["test"]["50"]
     assert result["num_images"] == 100 and result["iwae_samples"] == 50
     # the importance-sampled estimate is not below the ELBO beyond Monte-Carlo error
     assert result["log_px"] >= result["elbo"] - 3 * result["gap_se"]
     assert main(["plot", str(out)]) == 0
     assert {p.name for p in (out / "figures").iterdir()} >= {
-        "reconstructions.png", "samples.png", "curves.png", "latent.png", "manifold.png"}
+        "reconstructions.png", "samples.png", "curves.png", "latent.png", "manifold.png",
+        "traversals.png", "interpolations.png"}
     assert main(["sample", str(out), "-n", "16", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 

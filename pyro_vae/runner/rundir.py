@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, RunDirError
+from ..errors import CheckpointError, ConfigError, NotRegisteredError, RunDirError
 from ..model import VAE
 from .resolve import Splits, build_vae, check_config, resolve
 from .state import check_matches, load_state
@@ -33,6 +33,7 @@ from .state import check_matches, load_state
 log = logging.getLogger(__name__)
 
 CONFIG, METRICS, CHECKPOINT, FIGURES = "config.json", "metrics.jsonl", "checkpoint.pt", "figures"
+TENSORBOARD = "tensorboard"  # TensorBoard events, with TrainConfig.tensorboard
 LOCK = ".lock"  # held (flock) by the one process that writes the folder
 # what a run writes besides the above; a replaced run loses these too
 _OUTPUTS = ("eval.json", "diagnostics.json")
@@ -133,6 +134,7 @@ class RunDir:
                         *(self.path / name for name in _OUTPUTS)):
                 old.unlink(missing_ok=True)
             shutil.rmtree(self.figures, ignore_errors=True)
+            shutil.rmtree(self.path / TENSORBOARD, ignore_errors=True)
 
     def write_config(self, config: RunConfig) -> None:
         tmp = self.config.with_suffix(".json.tmp")
@@ -149,6 +151,8 @@ class RunDir:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.config} is not valid JSON ({type(e).__name__}); "
                                   "restore it or start a new run") from None
+        except NotRegisteredError:
+            raise
         except ConfigError as e:  # named as config.json spells it: model.z_dim
             problem = re.sub(r"\b(Model|Data|Train)Config\.",
                              lambda m: m[1].lower() + ".", str(e))

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from pathlib import Path
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from .. import seeds
 from ..config import RunConfig
 from ..data import DeviceBatches
 from ..errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
 from ..objective import Objective, make_elbo
+from ..progress import Progress
+from ..registry import MAIN
+from ..tracking import TensorBoard, check_available
 from .distributed import Context, init_from_env
 from .resolve import build_vae, check_config, resolve, resolve_device
 from .rundir import Run, RunDir
@@ -67,7 +68,7 @@ def train(
     force:
         Replace the run held by ``out`` instead of refusing.
     progress:
-        Show a progress bar (default: when stderr is a terminal).
+        ``False``: no progress bar (default: a bar when stderr is a terminal).
     """
     state = None
     if resume is not None:
@@ -90,10 +91,19 @@ def train(
     if epochs is not None:
         config.train.epochs = epochs
     check_config(config)
+    if run_dir is not None and config.model.likelihood_module == MAIN:
+        log.warning("likelihood %s is defined in %s (a script or notebook cell): no other "
+                    "process can use this run (evaluate, plot, resume); define it in a "
+                    "module instead", config.model.likelihood, MAIN)
     if state is not None and config.train.epochs < state.epoch:
         raise ConfigError(f"TrainConfig.epochs is {config.train.epochs}, but the run in "
                           f"{run_dir.path} has finished {state.epoch} epochs already; "
                           "ask for at least that many")
+    if config.train.tensorboard:
+        if run_dir is None:
+            raise ConfigError("TrainConfig.tensorboard writes into the run folder; give an "
+                              "out folder, or leave TrainConfig.tensorboard off")
+        check_available()
     device = resolve_device(config.train.device)
     ctx = init_from_env(device)
     try:
@@ -154,22 +164,28 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
                             seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size)
     test_x = splits.test_x[ctx.rank :: ctx.world_size]
     run = Run(run_dir.path if run_dir else None, config, vae, history, splits)
-    show = ctx.is_main and (progress if progress is not None else _stderr_is_terminal())
+    # a bar on a terminal; elsewhere the per-epoch log line is the progress
+    show = "bar" if ctx.is_main and progress is not False else False
 
     def checkpoint(epoch: int, progress_: EpochProgress | None = None) -> None:
         save_state(writer.checkpoint, TrainingState(
             config.to_dict(), epoch, vae.state_dict(), trainer.optimizer.state_dict(),
             capture_rng(), progress_.to_dict() if progress_ is not None else None))
 
-    with StopRequest().installed() as stop:
+    board = None
+    if writer is not None and config.train.tensorboard:
+        board = TensorBoard(writer.path, purge_step=start_epoch + 1)
+    with contextlib.ExitStack() as cleanup, StopRequest().installed() as stop:
+        if board is not None:
+            cleanup.callback(board.close)
         for epoch in range(start_epoch + 1, config.train.epochs + 1):
             if ctx.distributed:  # noise per (rank, epoch): resumable on any world size
                 torch.manual_seed(seeds.rank_epoch(config.train.seed, epoch, ctx.rank))
             begun = (EpochProgress.from_dict(partial, device) if partial is not None
                      else EpochProgress(batches.permutation(epoch)))
             partial = None
-            bar = tqdm(total=len(batches), initial=begun.step, leave=False, unit="batch",
-                       desc=f"epoch {epoch}/{config.train.epochs}", disable=not show)
+            bar = Progress(len(batches), f"epoch {epoch}/{config.train.epochs}", show=show,
+                           initial=begun.step)
             try:
                 done = trainer.fit_epoch(
                     batches, begun, bar=bar,
@@ -199,6 +215,9 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             if writer is not None:
                 writer.append_metrics(record)
                 checkpoint(epoch)
+            if board is not None:
+                board.epoch(record, trainer.optimizer.param_groups[0]["lr"])
+                board.pictures(vae, splits.test_x, epoch, seed=config.train.seed)
             log.info("epoch %d: train ELBO %s, test ELBO %.2f nats/image (%.1f s)", epoch,
                      _nats(record["train_elbo"]), record["test_elbo"], record["seconds"])
             if ctx.any(stop.requested, device) and epoch < config.train.epochs:
@@ -287,6 +306,3 @@ def _diverged(epoch: int, step: int, num_steps: int, run_dir: RunDir | None
 def _nats(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
-
-def _stderr_is_terminal() -> bool:
-    return sys.stderr is not None and sys.stderr.isatty()

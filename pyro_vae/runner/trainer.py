@@ -36,11 +36,11 @@ import pyro
 import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from tqdm.auto import tqdm
 
 from ..data import DeviceBatches
 from ..errors import ConfigError
 from ..estimators import elbo_terms
+from ..progress import Progress
 from .state import EpochProgress
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class Trainer:
 
     def fit_epoch(self, batches: DeviceBatches, progress: EpochProgress, *,
                   should_stop: Callable[[], bool] = lambda: False,
-                  bar: tqdm | None = None) -> EpochProgress:
+                  bar: Progress | None = None) -> EpochProgress:
         """Train on the epoch's batches from ``progress.step`` on; return the new progress.
 
         Stops early (between two steps) when ``should_stop()`` turns true. Raises
