@@ -229,8 +229,8 @@ def for_cli(message: str) -> str:
     message = _FIELD.sub(lambda m: _flag(m[1]) + (f" {m[2]}" if m[2] else ""), message)
     message = re.sub(r"\bresume=", "--resume ", message)
     message = message.replace("force=True", "--force").replace(" out folder", " --out")
-    message = re.sub(r"\bimport ([\w.]+) before loading the run", r"pass --import \1", message)
     message = message.replace("then import it before loading the run", "then --import it")
+    message = re.sub(r"\bimport ([\w.]+) before loading the run", r"pass --import \1", message)
     message = re.sub(r"or register your own with register_(\w+)",
                      r"or register your own \1 in a module and --import it", message)
     return message

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError
+from .estimators import fixed_noise
 from .evaluate import evaluate_run
 from .plots import (
     describe,
@@ -135,9 +136,7 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
     if out is not None and Path(out).suffix.lower() != ".png":
         raise ConfigError(f"out must name a .png file, got {out}")
     run = as_run(run)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with fixed_noise(seed, run.device):
         d = run.vae.sample_prior(num_samples)
         if draws:
             try:
@@ -146,8 +145,6 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
                 raise ConfigError(f"{e}; sample the mean instead (draws=False)") from None
         else:
             images, what = d.mean, "mean of p(x | z)"
-    finally:
-        torch.random.set_rng_state(generator_state)
     fig = image_grid(images.cpu(), title=f"{num_samples} prior samples, {what} -- {describe(run)}")
     if out is not None:
         out = Path(out)

@@ -74,3 +74,36 @@ def test_run_figures_are_saved_as_png(tmp_path):
     paths = save_figures(figures, tmp_path / "figures")
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_khat_bars_are_coloured_by_threshold_and_labelled_by_image():
+    from matplotlib.colors import to_hex
+
+    from pyro_vae.plots import khat_per_image
+
+    fig = khat_per_image([0.2, 0.6, 1.3], images=[4, 7, 9])
+    ax = fig.axes[0]
+    colours = [to_hex(bar.get_facecolor()) for bar in ax.patches]
+    assert colours == [to_hex("tab:green"), to_hex("tab:orange"), to_hex("tab:red")]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "7", "9"]
+    assert ax.get_ylim()[1] > 1.3  # the largest bar and the threshold labels fit
+
+
+def test_long_titles_wrap_and_small_grids_keep_room_for_them():
+    fig = image_grid(torch.rand(1, 784), title="1 prior samples, mean of p(x | z) -- "
+                                               "quickstart: continuous-bernoulli, epoch 10")
+    assert fig.get_figwidth() >= 3.0
+    assert "\n" in fig.axes[0].get_title()
+
+
+def test_the_first_epoch_does_not_squash_the_curves():
+    metrics = [{"epoch": 1, "train_elbo": -400.0, "test_elbo": -200.0}] + [
+        {"epoch": e, "train_elbo": -120.0 + e, "test_elbo": -118.0 + e} for e in range(2, 6)]
+    ax = training_curves(metrics).axes[0]
+    assert ax.get_ylim()[0] > -200  # scaled to the later epochs
+    assert any("off scale" in t.get_text() for t in ax.texts)
+
+
+def test_figures_render_inline_as_png():
+    fig = image_grid(torch.rand(4, 784))
+    assert fig._repr_png_()[:4] == b"\x89PNG"
