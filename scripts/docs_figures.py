@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from pyro_vae import RunConfig, load_run, train
-from pyro_vae.plots import run_figures, save_figures
+from pyro_vae.plots import figures_for_run, save_figures
 
 LIMIT = 200_000
 
@@ -35,10 +35,11 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/docs"))
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     args = parser.parse_args()
-    for name, z_dim, kinds in [("z20", 20, ("reconstructions", "samples", "curves", "latent")),
+    for name, z_dim, kinds in [("z20", 20, ("reconstructions", "samples", "curves", "latent",
+                                            "traversals", "interpolations")),
                                ("z2", 2, ("latent", "manifold"))]:
         run = trained(args.runs / name, args.epochs, z_dim)
-        figures = run_figures(run.vae, run.data.test_x, run.data.test_y, run.metrics, kinds)
+        figures = figures_for_run(run, kinds)
         figures = {f"{key}_{name}" if name == "z2" else key: fig for key, fig in figures.items()}
         for path in save_figures(figures, args.out, dpi=80):
             size = path.stat().st_size
