@@ -25,14 +25,14 @@ from .commands import (
     sample,
     write_figures,
 )
-from .config import BINARIZE_MODES, DEVICES, ELBOS, NAN_POLICIES, RunConfig
+from .config import BINARIZE_MODES, DEVICES, ELBOS, NAN_POLICIES, OBJECTIVES, RunConfig
 from .data import DATASETS
 from .errors import ConfigError, PyroVAEError, TrainingDiverged
 from .likelihoods import available_likelihoods, describe_support, get_likelihood
 from .plots import FIGURE_KINDS
 from .runner.resolve import resolve_device
 from .runner.rundir import load_run
-from .runner.train import train
+from .runner.train import train, train_summary
 
 # exit statuses: 2 bad input, 3 training diverged, 4 out of memory or disk space,
 # 1 an internal error (a bug: PYRO_VAE_DEBUG=1 shows its traceback), 130 interrupted
@@ -117,7 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
     o.add_argument("--elbo", choices=ELBOS,
                    help="trace (Trace_ELBO, default) or meanfield (analytic KL)")
-    o.add_argument("--num-particles", type=int, help="ELBO particles, vectorized (default: 1)")
+    o.add_argument("--num-particles", type=int,
+                   help="ELBO particles, vectorized; K of --objective iwae (default: 1)")
+    o.add_argument("--objective", choices=OBJECTIVES,
+                   help="elbo (default) or iwae: the importance-weighted bound of Burda et al. "
+                        "with K = --num-particles samples per image")
+    o.add_argument("--dreg", action="store_true", default=None,
+                   help="with --objective iwae: doubly reparameterized gradients "
+                        "(Tucker et al., 2019)")
+    o.add_argument("--kl-warmup", type=int, metavar="EPOCHS",
+                   help="raise the KL weight linearly over EPOCHS epochs (default: 0, none)")
+    o.add_argument("--beta", type=float, help="weight of the KL term (default: 1)")
     o.add_argument("--no-fast-step", dest="fast_step", action="store_false", default=None,
                    help="run every step eagerly through Pyro instead of replaying it as a "
                         "traced graph (CPU) or a CUDA graph (CUDA)")
@@ -210,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FIELDS = {
     "data": ["dataset", "data_dir", "binarize", "train_limit", "test_limit", "download"],
     "model": ["likelihood", "z_dim", "hidden_dims", "activation"],
-    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "fast_step", "seed",
-              "device", "nan_policy", "tensorboard"],
+    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "objective", "dreg",
+              "kl_warmup", "beta", "fast_step", "seed", "device", "nan_policy", "tensorboard"],
 }
 # config fields whose flag is not simply --field-name
 _FLAGS = {"likelihood_options": "--likelihood-option", "download": "--no-download",
@@ -278,8 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if run.metrics:
         last = run.metrics[-1]
-        train_elbo = "n/a" if last["train_elbo"] is None else f"{last['train_elbo']:.2f}"
-        print(f"epoch {last['epoch']}: train ELBO {train_elbo}, "
+        print(f"epoch {last['epoch']}: {train_summary(last)}, "
               f"test ELBO {last['test_elbo']:.2f} nats/image "
               f"(log-likelihood term {last['test_log_likelihood']:.2f}, KL {last['test_kl']:.2f})")
     if run.path is not None:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BINARIZE_MODES = ("none", "dynamic", "static")
 ELBOS = ("trace", "meanfield")
+OBJECTIVES = ("elbo", "iwae")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
 MAX_SEED = 2**32 - 1  # numpy's seed range, which pyro.set_rng_seed passes seeds to
@@ -58,7 +59,11 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3  # Adam learning rate
     elbo: str = "trace"  # trace (Trace_ELBO) | meanfield (TraceMeanField_ELBO, analytic KL)
-    num_particles: int = 1  # ELBO particles, vectorized
+    num_particles: int = 1  # ELBO particles, vectorized; K of the IWAE bound
+    objective: str = "elbo"  # elbo | iwae (Burda et al.: K = num_particles)
+    dreg: bool = False  # iwae: doubly reparameterized gradients (Tucker et al., 2019)
+    kl_warmup: int = 0  # epochs of linear KL warm-up (Sønderby et al., 2016); 0: none
+    beta: float = 1.0  # weight of the KL term (Higgins et al., 2017)
     fast_step: bool = True  # replay the step as a traced graph (CPU) or a CUDA graph
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -153,9 +158,26 @@ class RunConfig:
             raise ConfigError(f"TrainConfig.lr must be a positive finite number, got {t.lr!r}")
         _seed("TrainConfig.seed", t.seed)
         _choice("TrainConfig.elbo", t.elbo, ELBOS)
+        _choice("TrainConfig.objective", t.objective, OBJECTIVES)
+        if not isinstance(t.kl_warmup, int) or isinstance(t.kl_warmup, bool) or t.kl_warmup < 0:
+            raise ConfigError(f"TrainConfig.kl_warmup must be a whole number of epochs >= 0, "
+                              f"got {t.kl_warmup!r}")
+        if isinstance(t.beta, bool) or not isinstance(t.beta, (int, float)) or \
+                not 0 < t.beta < float("inf"):
+            raise ConfigError(f"TrainConfig.beta must be a positive finite number, "
+                              f"got {t.beta!r}")
+        if t.dreg and t.objective != "iwae":
+            raise ConfigError("TrainConfig.dreg is a gradient of the IWAE bound; set "
+                              "TrainConfig.objective = 'iwae'")
+        if t.objective == "iwae" and (t.kl_warmup or t.beta != 1):
+            raise ConfigError("TrainConfig.kl_warmup and TrainConfig.beta weight the ELBO's KL "
+                              "term; use them with TrainConfig.objective = 'elbo'")
+        if t.objective == "iwae" and t.elbo != "trace":
+            raise ConfigError("TrainConfig.elbo = 'meanfield' (analytic KL) has no IWAE "
+                              "counterpart; leave TrainConfig.elbo at 'trace'")
         _choice("TrainConfig.device", t.device, DEVICES)
         _choice("TrainConfig.nan_policy", t.nan_policy, NAN_POLICIES)
-        for name in ("fast_step", "tensorboard"):
+        for name in ("fast_step", "tensorboard", "dreg"):
             if not isinstance(getattr(t, name), bool):
                 raise ConfigError(f"TrainConfig.{name} must be true or false, "
                                   f"got {getattr(t, name)!r}")

@@ -23,6 +23,7 @@ model and guide into Pyro's ELBO as an ``nn.Module`` loss, and
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import pyro
@@ -74,25 +75,33 @@ class VAE(nn.Module):
 
     # -- Pyro model and guide ---------------------------------------------------------
 
-    def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        """p(z) p(x | z) for a batch ``x`` of shape ``(B, x_dim)``."""
+    def model(self, x: torch.Tensor, num_data: int | None = None,
+              kl_weight: torch.Tensor | None = None) -> None:
+        """p(z) p(x | z) for a batch ``x`` of shape ``(B, x_dim)``.
+
+        ``kl_weight`` (a positive tensor) scales the latent site in model and guide, so
+        the ELBO's KL term is weighted (beta-VAE, KL warm-up).
+        """
         batch = x.shape[0]
         scale = 1.0 if num_data is None else num_data / batch
         with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
             # device tensors, not Python floats: nothing is copied from the host per step,
             # which CUDA-graph capture requires
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
-            z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
+            with _weighted(kl_weight):
+                z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
             pyro.sample("x", self.decode(z).to_event(1), obs=x)
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+    def guide(self, x: torch.Tensor, num_data: int | None = None,
+              kl_weight: torch.Tensor | None = None) -> None:
         """q(z | x) = N(loc(x), diag(scale(x))^2) for a batch ``x`` of shape ``(B, x_dim)``."""
         loc, z_scale = self.encoder(x)  # (B, z_dim) each
-        self.gaussian_guide(x, loc, z_scale, num_data)
+        self.gaussian_guide(x, loc, z_scale, num_data, kl_weight)
 
     @staticmethod
     def gaussian_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                       num_data: int | None = None) -> None:
+                       num_data: int | None = None, kl_weight: torch.Tensor | None = None
+                       ) -> None:
         """A diagonal Gaussian guide with given per-image ``loc`` and ``scale`` ``(B, z_dim)``.
 
         The amortized guide passes the encoder's outputs; diagnostics pass per-image
@@ -100,7 +109,8 @@ class VAE(nn.Module):
         """
         batch = x.shape[0]
         weight = 1.0 if num_data is None else num_data / batch
-        with poutine.scale(scale=weight), pyro.plate("data", batch, dim=-1):
+        with poutine.scale(scale=weight), pyro.plate("data", batch, dim=-1), \
+                _weighted(kl_weight):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @staticmethod
@@ -133,3 +143,7 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         return self.decode(torch.randn(num_samples, self.z_dim, device=device))
 
+
+def _weighted(kl_weight: torch.Tensor | None):
+    """Scale the sites inside by ``kl_weight`` (nothing if ``None``)."""
+    return contextlib.nullcontext() if kl_weight is None else poutine.scale(scale=kl_weight)

@@ -17,7 +17,11 @@ after validating a batch shape once) a training step then makes no host sync at 
 
 from __future__ import annotations
 
+import math
+
 import torch
+from pyro import poutine
+from pyro.distributions import Independent, Normal
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
@@ -29,7 +33,8 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["Objective", "SyncFreeTraceMeanField_ELBO", "SyncFreeTrace_ELBO", "make_elbo"]
+__all__ = ["IWAE_ELBO", "Objective", "SyncFreeTraceMeanField_ELBO", "SyncFreeTrace_ELBO",
+           "kl_weight", "make_elbo"]
 
 
 class _SyncFree:
@@ -112,16 +117,115 @@ class SyncFreeTraceMeanField_ELBO(_SyncFree, TraceMeanField_ELBO):
         return -elbo
 
 
+def _unscaled(trace, name: str) -> torch.Tensor:
+    return trace.nodes[name]["unscaled_log_prob"]
+
+
+def _sample_sites(trace) -> list[str]:
+    return [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+class IWAE_ELBO(Trace_ELBO):
+    r"""The importance-weighted bound of Burda, Grosse & Salakhutdinov (2015), per image.
+
+    .. math:: \mathcal{L}_K(x) = \log \frac{1}{K} \sum_{k=1}^K
+              \frac{p(x, z_k)}{q(z_k \mid x)}, \qquad z_k \sim q(z \mid x)
+
+    computed over Pyro traces of model and guide with ``K = num_particles`` vectorized
+    particles: each image's log weight is the sum of its sites' log densities (any number
+    of latent sites), the log-mean-exp is taken over the particles *of each image*, and
+    the bounds are summed over the batch (scaled by ``N / B`` like the ELBO). Pyro's
+    ``RenyiELBO(alpha=0)`` instead combines the weights after summing over the batch,
+    which is not this bound for per-image latents. ``K = 1`` is the ELBO.
+
+    ``dreg=True``: the doubly reparameterized gradient of Tucker et al. (2019). The
+    decoder gets the usual IWAE gradient ``sum_k w_k grad log w_k``; the encoder gets
+    ``sum_k w_k^2 d log w_k / d z_k  d z_k / d phi`` with the guide's density evaluated at
+    stopped parameters, which removes the score-function term whose variance grows with
+    ``K``. It is written as a surrogate whose gradient is that estimator and whose value
+    is the bound; it costs one more decoder pass (the model replayed on ``stop(z)``), and
+    it stops the parameters of each guide site's distribution, which is DReG exactly for
+    guides whose sites' parameters depend on ``x`` only.
+    """
+
+    def __init__(self, num_particles: int = 1, dreg: bool = False, max_plate_nesting: int = 1):
+        super().__init__(num_particles=num_particles, vectorize_particles=True,
+                         max_plate_nesting=max_plate_nesting)
+        self.dreg = dreg
+
+    def log_weights(self, model, guide, *args, **kwargs):
+        """``(log_w (K, B), model_trace, guide_trace)`` for one vectorized draw."""
+        model_trace, guide_trace = self._get_vectorized_trace(model, guide, args, kwargs)
+        log_w = sum(_unscaled(model_trace, n) for n in _sample_sites(model_trace))
+        log_w = log_w - sum(_unscaled(guide_trace, n) for n in _sample_sites(guide_trace))
+        if self.num_particles == 1:  # Pyro adds no particle dimension for one particle
+            log_w = log_w.unsqueeze(0)
+        return log_w, model_trace, guide_trace
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        log_w, model_trace, guide_trace = self.log_weights(model, guide, *args, **kwargs)
+        # N / B of the data plate (poutine.scale), the same at every site of the VAE
+        scale = next(model_trace.nodes[n]["scale"] for n in _sample_sites(model_trace))
+        k = log_w.shape[0]
+        bound = (log_w.logsumexp(0) - math.log(k)).sum()
+        if not self.dreg:
+            return -scale * bound
+        weights = torch.softmax(log_w.detach(), 0)  # normalized importance weights (K, B)
+        log_q_stopped = sum(_detached(guide_trace.nodes[n]["fn"]).log_prob(
+            guide_trace.nodes[n]["value"]) for n in _sample_sites(guide_trace))
+        log_q = sum(_unscaled(guide_trace, n) for n in _sample_sites(guide_trace))
+        log_p = log_w + log_q.reshape(log_w.shape)
+        log_q_stopped = log_q_stopped.reshape(log_w.shape)
+        log_p_stopped_z = self._log_joint_at_stopped_z(model, guide_trace, args, kwargs)
+        log_p_stopped_z = log_p_stopped_z.reshape(log_w.shape)
+        surrogate = (weights**2 * (log_p - log_q_stopped - log_p_stopped_z)
+                     + weights * log_p_stopped_z).sum()
+        return -scale * (bound.detach() + surrogate - surrogate.detach())
+
+    def _log_joint_at_stopped_z(self, model, guide_trace, args, kwargs) -> torch.Tensor:
+        """``log p(x, stop(z_k))`` ``(K, B)``: the model replayed on detached latents."""
+        stopped = guide_trace.copy()
+        for name in _sample_sites(guide_trace):
+            stopped.nodes[name] = dict(guide_trace.nodes[name],
+                                       value=guide_trace.nodes[name]["value"].detach())
+        trace = poutine.trace(poutine.replay(self._vectorized_num_particles(model),
+                                             trace=stopped)).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+        return sum(_unscaled(trace, n) for n in _sample_sites(trace))
+
+
+def _detached(fn):
+    """The distribution ``fn`` with its parameters detached (Normal, possibly wrapped in
+    ``Independent`` / ``expand``)."""
+    if isinstance(fn, Independent):
+        return Independent(_detached(fn.base_dist), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, Normal):
+        return Normal(fn.loc.detach(), fn.scale.detach())
+    raise NotImplementedError(f"DReG needs Normal guide sites, got {type(fn).__name__}")
+
+
 _ELBOS = {"trace": SyncFreeTrace_ELBO, "meanfield": SyncFreeTraceMeanField_ELBO}
 
 
 def make_elbo(config: TrainConfig):
-    """The sync-free Pyro ELBO named by ``config.elbo``, with its particles."""
+    """The objective of ``config``: the sync-free Pyro ELBO named by ``config.elbo`` with
+    its particles, or the IWAE bound (``config.objective = "iwae"``, ``K`` particles,
+    DReG with ``config.dreg``)."""
+    if config.objective == "iwae":
+        return IWAE_ELBO(num_particles=config.num_particles, dreg=config.dreg)
     return _ELBOS[config.elbo](
         num_particles=config.num_particles,
         vectorize_particles=config.num_particles > 1,
         max_plate_nesting=1,
     )
+
+
+def kl_weight(config: TrainConfig, epoch: int) -> float:
+    """The weight of the KL term in epoch ``epoch`` (1, 2, ...): ``beta`` (Higgins et al.,
+    2017) times a linear warm-up ``min(1, epoch / kl_warmup)`` (Sønderby et al., 2016).
+    Never 0, so Pyro's scale stays a valid positive factor."""
+    warmup = min(1.0, epoch / config.kl_warmup) if config.kl_warmup > 0 else 1.0
+    return config.beta * warmup
 
 
 class Objective(ELBOModule):
@@ -134,10 +238,22 @@ class Objective(ELBOModule):
     """
 
     def __init__(self, vae: nn.Module, elbo, num_data: int | None = None, guide=None,
-                 extra: nn.Module | None = None):
+                 extra: nn.Module | None = None, weighted_kl: bool = False):
         super().__init__(vae.model, guide or vae.guide, elbo)
         self.vae, self.extra, self.num_data = vae, extra, num_data
+        self.weighted_kl = weighted_kl
+        # the KL weight as a device tensor: set between epochs (set_kl_weight) without
+        # retracing the step, since traced and CUDA-graph steps read it as an input
+        self.register_buffer("kl_weight", torch.ones(()), persistent=False)
+
+    def set_kl_weight(self, weight: float) -> None:
+        """Weight the KL term (the latent sites of model and guide) by ``weight > 0``."""
+        if not self.weighted_kl:
+            raise ValueError("this objective was built without weighted_kl=True")
+        self.kl_weight.fill_(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kwargs = {} if self.num_data is None else {"num_data": self.num_data}
+        if self.weighted_kl:
+            kwargs["kl_weight"] = self.kl_weight
         return self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)

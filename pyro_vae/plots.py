@@ -115,12 +115,18 @@ def training_curves(metrics: Sequence[dict], ax: Axes | None = None,
     """
     fig, ax = _axes(ax, (5.5, 3.6))
     epochs = np.array([r["epoch"] for r in metrics])
-    train = np.array([np.nan if r["train_elbo"] is None else r["train_elbo"] for r in metrics],
-                     dtype=float)
-    test = np.array([np.nan if r["test_elbo"] is None else r["test_elbo"] for r in metrics],
-                    dtype=float)
-    ax.plot(epochs, train, "o-", label="train (average over epoch)")
-    ax.plot(epochs, test, "s-", label="test")
+    def column(key):
+        return np.array([np.nan if r.get(key) is None else r[key] for r in metrics], dtype=float)
+
+    # an epoch that optimized the IWAE bound or a KL-weighted ELBO records train_objective
+    weighted = any("train_objective" in r for r in metrics)
+    train = column("train_objective" if weighted else "train_elbo")
+    test = column("test_elbo")
+    ax.plot(epochs, train, "o-", label="train objective (average over epoch)" if weighted
+            else "train (average over epoch)")
+    ax.plot(epochs, test, "s-", label="test ELBO")
+    if any("test_iwae" in r for r in metrics):
+        ax.plot(epochs, column("test_iwae"), "^-", label="test IWAE bound")
     later = np.concatenate([train[1:], test[1:]])
     later = later[np.isfinite(later)]
     if len(later) >= 2:

@@ -70,7 +70,9 @@ class TensorBoard:
         for tag, key in [("elbo/train", "train_elbo"), ("elbo/test", "test_elbo"),
                          ("test/log_likelihood", "test_log_likelihood"), ("test/kl", "test_kl"),
                          ("speed/images_per_second", "images_per_second"),
-                         ("optim/skipped_steps", "skipped_steps")]:
+                         ("optim/skipped_steps", "skipped_steps"),
+                         ("objective/train", "train_objective"), ("test/iwae", "test_iwae"),
+                         ("optim/kl_weight", "kl_weight")]:
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], step)
         self.writer.add_scalar("optim/lr", lr, step)

@@ -21,7 +21,8 @@ from .. import seeds
 from ..config import RunConfig
 from ..data import DeviceBatches
 from ..errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
-from ..objective import Objective, make_elbo
+from ..estimators import importance_log_likelihood
+from ..objective import Objective, kl_weight, make_elbo
 from ..progress import Progress
 from ..registry import MAIN
 from ..tracking import TensorBoard, check_available
@@ -140,7 +141,8 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
          progress: bool | None) -> Run:
     """Build objective and trainer, restore a checkpoint, run the epochs."""
     num_data = len(splits.train_x)
-    objective = Objective(vae, make_elbo(config.train), num_data)
+    weighted = config.train.kl_warmup > 0 or config.train.beta != 1
+    objective = Objective(vae, make_elbo(config.train), num_data, weighted_kl=weighted)
     trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
                       nan_policy=config.train.nan_policy,
                       module=ctx.wrap(objective, device) if ctx.distributed else None)
@@ -181,6 +183,8 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
         for epoch in range(start_epoch + 1, config.train.epochs + 1):
             if ctx.distributed:  # noise per (rank, epoch): resumable on any world size
                 torch.manual_seed(seeds.rank_epoch(config.train.seed, epoch, ctx.rank))
+            if weighted:
+                objective.set_kl_weight(kl_weight(config.train, epoch))
             begun = (EpochProgress.from_dict(partial, device) if partial is not None
                      else EpochProgress(batches.permutation(epoch)))
             partial = None
@@ -218,8 +222,8 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             if board is not None:
                 board.epoch(record, trainer.optimizer.param_groups[0]["lr"])
                 board.pictures(vae, splits.test_x, epoch, seed=config.train.seed)
-            log.info("epoch %d: train ELBO %s, test ELBO %.2f nats/image (%.1f s)", epoch,
-                     _nats(record["train_elbo"]), record["test_elbo"], record["seconds"])
+            log.info("epoch %d: %s, test ELBO %.2f nats/image (%.1f s)", epoch,
+                     train_summary(record), record["test_elbo"], record["seconds"])
             if ctx.any(stop.requested, device) and epoch < config.train.epochs:
                 run.interrupted = True
                 break
@@ -264,19 +268,29 @@ def _record(epoch, done: EpochProgress, trainer: Trainer, vae, test_x, batches, 
             num_test: int) -> dict:
     """The epoch's metrics line: the test ELBO, then one read of every sum, summed over
     ranks (one transfer per epoch)."""
-    test = trainer.evaluate_epoch(vae, test_x, config.train.eval_batch_size,
-                                  seed=seeds.elbo_noise(config.train.seed))
-    sums = ctx.sum(torch.cat([done.loss_sum.reshape(1), test,
-                              torch.tensor([float(done.skipped_steps)], device=test.device)]))
-    loss_sum, elbo_sum, lik_sum, kl_sum, skipped = sums.tolist()
+    t = config.train
+    test = trainer.evaluate_epoch(vae, test_x, t.eval_batch_size,
+                                  seed=seeds.elbo_noise(t.seed))
+    parts = [done.loss_sum.reshape(1), test,
+             torch.tensor([float(done.skipped_steps)], device=test.device)]
+    if t.objective == "iwae":  # the bound trained, on the test set, with the same K
+        parts.append(importance_log_likelihood(
+            vae, test_x, t.num_particles, batch_size=max(1, t.eval_batch_size // 10),
+            seed=seeds.importance_noise(t.seed)).sum().reshape(1))
+    sums = ctx.sum(torch.cat(parts)).tolist()
+    loss_sum, elbo_sum, lik_sum, kl_sum, skipped = sums[:5]
     trained = batches.num_local * ctx.world_size - skipped * batches.batch_size
     if trained <= 0:
         log.warning("epoch %d: every step was skipped; its train ELBO is recorded as null",
                     epoch)
-    return {
+    # exact unless a last, smaller batch was skipped; None if nothing was trained
+    optimized = -loss_sum / trained if trained > 0 else None
+    weight = kl_weight(t, epoch)
+    plain = t.objective == "elbo" and weight == 1
+    record = {
         "epoch": epoch,
-        # exact unless a last, smaller batch was skipped; None if nothing was trained
-        "train_elbo": -loss_sum / trained if trained > 0 else None,
+        # the true ELBO where it is what was optimized; else see train_objective
+        "train_elbo": optimized if plain else None,
         "test_elbo": elbo_sum / num_test,
         "test_log_likelihood": lik_sum / num_test,
         "test_kl": kl_sum / num_test,
@@ -284,6 +298,14 @@ def _record(epoch, done: EpochProgress, trainer: Trainer, vae, test_x, batches, 
         "images_per_second": batches.num_local * ctx.world_size / done.seconds,
         "skipped_steps": int(skipped),
     }
+    if not plain:
+        # what was optimized: the KL-weighted ELBO, or the IWAE bound (per image)
+        record["train_objective"] = optimized
+    if t.objective == "iwae":
+        record["test_iwae"] = sums[5] / num_test
+    if weight != 1:
+        record["kl_weight"] = weight
+    return record
 
 
 def _diverged(epoch: int, step: int, num_steps: int, run_dir: RunDir | None
@@ -303,6 +325,12 @@ def _diverged(epoch: int, step: int, num_steps: int, run_dir: RunDir | None
     )
 
 
-def _nats(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def train_summary(record: dict) -> str:
+    """``train ELBO -98.12``, or ``train objective -97.50`` where the epoch optimized the
+    IWAE bound or a KL-weighted ELBO (metrics line ``train_objective``)."""
+    if "train_objective" in record:
+        value, what = record["train_objective"], "train objective"
+    else:
+        value, what = record["train_elbo"], "train ELBO"
+    return f"{what} {'n/a' if value is None else f'{value:.2f}'}"
 
