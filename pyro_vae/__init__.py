@@ -16,7 +16,8 @@ from .errors import (
 from .estimators import elbo_terms, importance_log_likelihood, log_weights
 from .evaluate import evaluate_run
 from .likelihoods import Likelihood, available_likelihoods, get_likelihood, register_likelihood
-from .model import VAE
+from .model import VAE, TwoLayerVAE
+from .networks import available_networks, register_network
 from .objective import Objective, SyncFreeTrace_ELBO, SyncFreeTraceMeanField_ELBO, make_elbo
 from .plots import figures_for_run
 from .runner.resolve import build_vae
@@ -25,12 +26,13 @@ from .runner.train import train
 from .runner.trainer import Trainer
 
 __all__ = [
-    "VAE", "Run", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "Dataset",
+    "VAE", "TwoLayerVAE", "Run", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "Dataset",
     "Likelihood", "Objective", "Trainer", "SyncFreeTrace_ELBO", "SyncFreeTraceMeanField_ELBO",
     "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "RunDirError",
     "TrainingDiverged",
-    "available_likelihoods", "build_vae", "diagnose_run", "elbo_terms", "evaluate",
+    "available_likelihoods", "available_networks", "build_vae", "diagnose_run", "elbo_terms",
+    "evaluate",
     "evaluate_run", "figures_for_run", "get_likelihood", "importance_log_likelihood",
     "load_dataset", "load_run", "log_weights", "make_elbo", "read_evaluations",
-    "register_likelihood", "sample", "train", "write_figures",
+    "register_likelihood", "register_network", "sample", "train", "write_figures",
 ]

@@ -29,6 +29,7 @@ from .config import BINARIZE_MODES, DEVICES, ELBOS, NAN_POLICIES, OBJECTIVES, Ru
 from .data import DATASETS
 from .errors import ConfigError, PyroVAEError, TrainingDiverged
 from .likelihoods import available_likelihoods, describe_support, get_likelihood
+from .networks import available_networks
 from .plots import FIGURE_KINDS
 from .runner.resolve import resolve_device
 from .runner.rundir import load_run
@@ -111,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--z-dim", type=int, help="latent dimensions (default: 20)")
     m.add_argument("--hidden-dims", type=_hidden_dims, help="hidden sizes, e.g. 400 or 512,256")
     m.add_argument("--activation", help="relu (default), softplus, tanh or elu")
+    m.add_argument("--network", help=f"encoder and decoder: one of "
+                                     f"{', '.join(available_networks())} (default: mlp)")
+    m.add_argument("--stochastic-layers", type=int, choices=(1, 2),
+                   help="2: z2 -> z1 -> x, as Burda et al. (default: 1)")
+    m.add_argument("--z1-dim", type=int, help="two layers: size of z1 (default: 100)")
+    m.add_argument("--top-hidden-dims", type=_hidden_dims,
+                   help="two layers: hidden sizes between z1 and z2 (default: 50,50)")
     o = t.add_argument_group("optimization")
     o.add_argument("--epochs", type=int, help="total epochs (default: 10)")
     o.add_argument("--batch-size", type=int, help="default: 128")
@@ -219,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FIELDS = {
     "data": ["dataset", "data_dir", "binarize", "train_limit", "test_limit", "download"],
-    "model": ["likelihood", "z_dim", "hidden_dims", "activation"],
+    "model": ["likelihood", "z_dim", "hidden_dims", "activation", "network",
+              "stochastic_layers", "z1_dim", "top_hidden_dims"],
     "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "objective", "dreg",
               "kl_warmup", "beta", "fast_step", "seed", "device", "nan_policy", "tensorboard"],
 }

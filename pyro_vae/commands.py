@@ -170,6 +170,9 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     run = as_run(run)
+    if run.vae.stochastic_layers != 1:
+        raise ConfigError("diagnostics compare the guide with NUTS on one latent layer; this "
+                          "run has two stochastic layers")
     available = len(run.data.test_x)
     cap = min(available, MAX_DIAGNOSED_IMAGES)
     if images > cap:

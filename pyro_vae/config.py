@@ -36,9 +36,14 @@ class ModelConfig:
     likelihood: str = "bernoulli"  # a name from pyro_vae.available_likelihoods()
     likelihood_options: dict[str, float] = field(default_factory=dict)  # e.g. {"scale": 0.1}
     likelihood_module: str | None = None  # module that registered it; None: built in (set)
-    z_dim: int = 20  # latent dimensions
+    z_dim: int = 20  # latent dimensions (of the top layer)
     hidden_dims: tuple[int, ...] = (400,)  # encoder hidden sizes; the decoder mirrors them
     activation: str = "relu"  # relu | softplus | tanh | elu
+    network: str = "mlp"  # mlp | conv | a registered name: builds encoder and decoder
+    network_module: str | None = None  # module that registered it; None: built in (set)
+    stochastic_layers: int = 1  # 1, or 2: z2 -> z1 -> x (Burda et al., 2015)
+    z1_dim: int = 100  # two layers: dimensions of the lower latent layer z1
+    top_hidden_dims: tuple[int, ...] = (50, 50)  # two layers: hidden sizes between z1, z2
     x_dim: int = 784  # pixels per image; set from the data
 
 
@@ -81,6 +86,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model"]["hidden_dims"] = list(self.model.hidden_dims)
+        d["model"]["top_hidden_dims"] = list(self.model.top_hidden_dims)
         return d
 
     @classmethod
@@ -109,8 +115,9 @@ class RunConfig:
                                   f"its fields are: {', '.join(sorted(known))}")
             parts[name] = cls_(**values)
         model = parts["model"]
-        if isinstance(model.hidden_dims, (list, tuple)):
-            model.hidden_dims = tuple(model.hidden_dims)
+        for name in ("hidden_dims", "top_hidden_dims"):
+            if isinstance(getattr(model, name), (list, tuple)):
+                setattr(model, name, tuple(getattr(model, name)))
         return cls(**parts)
 
     @classmethod
@@ -141,6 +148,17 @@ class RunConfig:
         for h in m.hidden_dims:
             _positive("ModelConfig.hidden_dims", h)
         _positive("ModelConfig.x_dim", m.x_dim)
+        if m.stochastic_layers not in (1, 2) or isinstance(m.stochastic_layers, bool):
+            raise ConfigError(f"ModelConfig.stochastic_layers must be 1 or 2, "
+                              f"got {m.stochastic_layers!r}")
+        _positive("ModelConfig.z1_dim", m.z1_dim)
+        if not isinstance(m.top_hidden_dims, tuple):
+            raise ConfigError("ModelConfig.top_hidden_dims must be a list of sizes, e.g. "
+                              "(50, 50)")
+        for h in m.top_hidden_dims:
+            _positive("ModelConfig.top_hidden_dims", h)
+        if not isinstance(m.network, str) or not m.network:
+            raise ConfigError(f"ModelConfig.network must be a name, got {m.network!r}")
         if not isinstance(m.likelihood_options, dict):
             raise ConfigError("ModelConfig.likelihood_options must be a dict of numbers")
         _choice("DataConfig.binarize", d.binarize, BINARIZE_MODES, allow_none=True)
@@ -172,6 +190,10 @@ class RunConfig:
         if t.objective == "iwae" and (t.kl_warmup or t.beta != 1):
             raise ConfigError("TrainConfig.kl_warmup and TrainConfig.beta weight the ELBO's KL "
                               "term; use them with TrainConfig.objective = 'elbo'")
+        if t.dreg and m.stochastic_layers == 2:
+            raise ConfigError("TrainConfig.dreg stops each guide site's parameters, which is "
+                              "exact for one stochastic layer only; use ModelConfig."
+                              "stochastic_layers = 1, or train two layers without it")
         if t.objective == "iwae" and t.elbo != "trace":
             raise ConfigError("TrainConfig.elbo = 'meanfield' (analytic KL) has no IWAE "
                               "counterpart; leave TrainConfig.elbo at 'trace'")

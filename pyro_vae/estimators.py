@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .model import VAE
 from .progress import Progress
@@ -51,8 +52,11 @@ class LogWeights:
 def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> LogWeights:
     """Trace the guide (``num_samples`` draws per image) and replay the model on them.
 
-    ``guide`` defaults to the VAE's amortized guide; any guide ``guide(x)`` with a site
-    ``"z"`` inside the ``"data"`` plate works (e.g. a per-image optimized Gaussian).
+    ``guide`` defaults to the VAE's amortized guide; any guide ``guide(x)`` whose latent
+    sites sit inside the ``"data"`` plate works (e.g. a per-image optimized Gaussian).
+    Any number of latent sites: ``log_prior`` and ``log_guide`` sum over them (two
+    stochastic layers: ``log p(z1 | z2) + log p(z2)``), ``log_likelihood`` over the
+    observed sites.
     """
     with pyro.plate("samples", num_samples, dim=-2):
         guide_trace = poutine.trace(guide or vae.guide).get_trace(x)
@@ -60,11 +64,15 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> 
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     shape = (num_samples, x.shape[0])
-    return LogWeights(
-        log_likelihood=model_trace.nodes["x"]["log_prob"].expand(shape),
-        log_prior=model_trace.nodes["z"]["log_prob"].expand(shape),
-        log_guide=guide_trace.nodes["z"]["log_prob"].expand(shape),
-    )
+
+    def total(trace, observed: bool) -> torch.Tensor:
+        return sum(site["log_prob"] for site in trace.nodes.values()
+                   if site["type"] == "sample" and not site_is_subsample(site)
+                   and site["is_observed"] == observed).expand(shape)
+
+    return LogWeights(log_likelihood=total(model_trace, True),
+                      log_prior=total(model_trace, False),
+                      log_guide=total(guide_trace, False))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pyro import poutine
 from torch import nn
 
 from .likelihoods import Likelihood, get_likelihood
-from .networks import Decoder, Encoder
+from .networks import Encoder, Network, get_network
 
 
 class VAE(nn.Module):
@@ -51,7 +51,12 @@ class VAE(nn.Module):
         ``relu`` (the PyTorch example), ``softplus`` (Pyro's example), ``tanh`` or ``elu``.
     likelihood_options:
         Keyword options for the likelihood's builder, e.g. ``{"scale": 0.05}``.
+    network:
+        A :class:`~pyro_vae.networks.Network` or the name of a registered one (``mlp``,
+        ``conv``): what builds ``encoder`` and ``decoder``.
     """
+
+    stochastic_layers = 1
 
     def __init__(
         self,
@@ -61,17 +66,19 @@ class VAE(nn.Module):
         hidden_dims: Sequence[int] = (400,),
         activation: str = "relu",
         likelihood_options: dict | None = None,
+        network: Network | str = "mlp",
     ):
         super().__init__()
         if isinstance(likelihood, str):
             likelihood = get_likelihood(likelihood)
+        if isinstance(network, str):
+            network = get_network(network)
         self.likelihood = likelihood
         self.likelihood_options = dict(likelihood_options or {})
         likelihood.check_options(self.likelihood_options)
         self.x_dim, self.z_dim = x_dim, z_dim
-        self.encoder = Encoder(x_dim, hidden_dims, z_dim, activation)
-        self.decoder = Decoder(z_dim, tuple(reversed(hidden_dims)), x_dim,
-                               likelihood.num_params, activation)
+        self.encoder, self.decoder = network.build(x_dim, z_dim, tuple(hidden_dims), activation,
+                                                   likelihood.num_params)
 
     # -- Pyro model and guide ---------------------------------------------------------
 
@@ -90,7 +97,7 @@ class VAE(nn.Module):
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
             with _weighted(kl_weight):
                 z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
-            pyro.sample("x", self.decode(z).to_event(1), obs=x)
+            pyro.sample("x", self.observation(z).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None,
               kl_weight: torch.Tensor | None = None) -> None:
@@ -121,11 +128,15 @@ class VAE(nn.Module):
         with pyro.plate("data", x.shape[0], dim=-1):
             pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
 
+    def observation(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z) of the lowest latent layer ``z``, batch shape ``(..., x_dim)``."""
+        return self.likelihood.distribution(self.decoder(z), **self.likelihood_options)
+
     # -- Deterministic helpers for evaluation and pictures ----------------------------
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z), batch shape ``(..., x_dim)`` for ``z`` of shape ``(..., z_dim)``."""
-        return self.likelihood.distribution(self.decoder(z), **self.likelihood_options)
+        return self.observation(z)
 
     def encode(self, x: torch.Tensor) -> dist.Normal:
         """q(z | x), batch shape ``(..., z_dim)``."""
@@ -147,3 +158,63 @@ class VAE(nn.Module):
 def _weighted(kl_weight: torch.Tensor | None):
     """Scale the sites inside by ``kl_weight`` (nothing if ``None``)."""
     return contextlib.nullcontext() if kl_weight is None else poutine.scale(scale=kl_weight)
+
+
+class TwoLayerVAE(VAE):
+    """A VAE with two stochastic layers (Burda, Grosse & Salakhutdinov, 2015)::
+
+        model:  z2 ~ N(0, I)              (z_dim)
+                z1 | z2 ~ N(mu(z2), diag(sigma(z2))^2)   (z1_dim)
+                x | z1 ~ likelihood(decoder(z1))
+        guide:  z1 | x ~ N(...(x)),  z2 | z1 ~ N(...(z1))
+
+    ``encoder`` / ``decoder`` connect x and z1 (any registered network, ``hidden_dims``);
+    ``encoder_top`` / ``decoder_top`` connect z1 and z2 (MLPs, ``top_hidden_dims``). The
+    ELBO, the IWAE bound and the importance-sampled log p(x) work over the traces as they
+    are; pictures (``encode``, ``decode``) pass the means through the lower layer:
+    ``encode(x)`` is q(z2 | z1 = E[z1 | x]) and ``decode(z2)`` is p(x | z1 = E[z1 | z2]).
+    """
+
+    stochastic_layers = 2
+
+    def __init__(self, likelihood: Likelihood | str = "bernoulli", x_dim: int = 784,
+                 z_dim: int = 50, hidden_dims: Sequence[int] = (100, 100),
+                 activation: str = "tanh", likelihood_options: dict | None = None,
+                 network: Network | str = "mlp", z1_dim: int = 100,
+                 top_hidden_dims: Sequence[int] = (50, 50)):
+        super().__init__(likelihood, x_dim, z1_dim, hidden_dims, activation,
+                         likelihood_options, network)
+        self.z1_dim, self.z_dim = z1_dim, z_dim
+        self.encoder_top = Encoder(z1_dim, tuple(top_hidden_dims), z_dim, activation)
+        self.decoder_top = Encoder(z_dim, tuple(reversed(top_hidden_dims)), z1_dim, activation)
+
+    def model(self, x: torch.Tensor, num_data: int | None = None,
+              kl_weight: torch.Tensor | None = None) -> None:
+        batch = x.shape[0]
+        scale = 1.0 if num_data is None else num_data / batch
+        with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
+            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
+            with _weighted(kl_weight):
+                z2 = pyro.sample("z2", prior.to_event(1))
+                loc, z_scale = self.decoder_top(z2)
+                z1 = pyro.sample("z1", dist.Normal(loc, z_scale).to_event(1))
+            pyro.sample("x", self.observation(z1).to_event(1), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None,
+              kl_weight: torch.Tensor | None = None) -> None:
+        batch = x.shape[0]
+        weight = 1.0 if num_data is None else num_data / batch
+        with poutine.scale(scale=weight), pyro.plate("data", batch, dim=-1), \
+                _weighted(kl_weight):
+            loc1, scale1 = self.encoder(x)
+            z1 = pyro.sample("z1", dist.Normal(loc1, scale1).to_event(1))
+            loc2, scale2 = self.encoder_top(z1)
+            pyro.sample("z2", dist.Normal(loc2, scale2).to_event(1))
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z1 = E[z1 | z2]) for top-layer latents ``z`` ``(..., z_dim)``."""
+        return self.observation(self.decoder_top(z)[0])
+
+    def encode(self, x: torch.Tensor) -> dist.Normal:
+        """q(z2 | z1 = E[z1 | x]), batch shape ``(..., z_dim)``."""
+        return dist.Normal(*self.encoder_top(self.encoder(x)[0]))

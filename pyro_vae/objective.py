@@ -29,6 +29,7 @@ from pyro.infer.elbo import ELBOModule
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.trace_mean_field_elbo import check_fully_reparametrized
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .config import TrainConfig
@@ -122,7 +123,8 @@ def _unscaled(trace, name: str) -> torch.Tensor:
 
 
 def _sample_sites(trace) -> list[str]:
-    return [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)]
 
 
 class IWAE_ELBO(Trace_ELBO):

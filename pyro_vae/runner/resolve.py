@@ -20,7 +20,8 @@ from ..config import RunConfig
 from ..data import Dataset, binarize, check_pixels, load_dataset
 from ..errors import ConfigError
 from ..likelihoods import Likelihood, get_likelihood, likelihood_module
-from ..model import VAE
+from ..model import VAE, TwoLayerVAE
+from ..networks import get_network, network_module
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,22 @@ def check_config(config: RunConfig) -> RunConfig:
     likelihood = likelihood_for(config)
     likelihood.check_options(config.model.likelihood_options)
     config.model.likelihood_module = likelihood_module(config.model.likelihood)
+    get_network(config.model.network, config.model.network_module)  # known here?
+    config.model.network_module = network_module(config.model.network)
     return config
 
 
 def build_vae(config: RunConfig) -> VAE:
     """The VAE described by a resolved :class:`RunConfig` (as saved in a run folder)."""
     m = config.model
-    return VAE(likelihood_for(config), x_dim=m.x_dim, z_dim=m.z_dim,
-               hidden_dims=m.hidden_dims, activation=m.activation,
-               likelihood_options=m.likelihood_options)
+    network = get_network(m.network, m.network_module)
+    common = dict(x_dim=m.x_dim, z_dim=m.z_dim, hidden_dims=m.hidden_dims,
+                  activation=m.activation, likelihood_options=m.likelihood_options,
+                  network=network)
+    if m.stochastic_layers == 2:
+        return TwoLayerVAE(likelihood_for(config), z1_dim=m.z1_dim,
+                           top_hidden_dims=m.top_hidden_dims, **common)
+    return VAE(likelihood_for(config), **common)
 
 
 @dataclass

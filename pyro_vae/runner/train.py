@@ -92,10 +92,13 @@ def train(
     if epochs is not None:
         config.train.epochs = epochs
     check_config(config)
-    if run_dir is not None and config.model.likelihood_module == MAIN:
-        log.warning("likelihood %s is defined in %s (a script or notebook cell): no other "
-                    "process can use this run (evaluate, plot, resume); define it in a "
-                    "module instead", config.model.likelihood, MAIN)
+    for kind, name, module in [("likelihood", config.model.likelihood,
+                                 config.model.likelihood_module),
+                                ("network", config.model.network, config.model.network_module)]:
+        if run_dir is not None and module == MAIN:
+            log.warning("%s %s is defined in %s (a script or notebook cell): no other "
+                        "process can use this run (evaluate, plot, resume); define it in a "
+                        "module instead", kind, name, MAIN)
     if state is not None and config.train.epochs < state.epoch:
         raise ConfigError(f"TrainConfig.epochs is {config.train.epochs}, but the run in "
                           f"{run_dir.path} has finished {state.epoch} epochs already; "
