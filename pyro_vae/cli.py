@@ -25,7 +25,15 @@ from .commands import (
     sample,
     write_figures,
 )
-from .config import BINARIZE_MODES, DEVICES, ELBOS, NAN_POLICIES, OBJECTIVES, RunConfig
+from .config import (
+    BINARIZE_MODES,
+    DEVICES,
+    ELBOS,
+    LR_SCHEDULES,
+    NAN_POLICIES,
+    OBJECTIVES,
+    RunConfig,
+)
 from .data import DATASETS
 from .errors import ConfigError, PyroVAEError, TrainingDiverged
 from .likelihoods import available_likelihoods, describe_support, get_likelihood
@@ -123,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=int, help="total epochs (default: 10)")
     o.add_argument("--batch-size", type=int, help="default: 128")
     o.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="constant (default) or burda: --lr * 10^(-i/7) for 3^i epochs, "
+                        "i = 0..7 (Burda et al., 3,280 epochs)")
+    o.add_argument("--adam-eps", type=float, help="Adam's epsilon (default: 1e-8)")
     o.add_argument("--elbo", choices=ELBOS,
                    help="trace (Trace_ELBO, default) or meanfield (analytic KL)")
     o.add_argument("--num-particles", type=int,
@@ -229,8 +241,9 @@ _FIELDS = {
     "data": ["dataset", "data_dir", "binarize", "train_limit", "test_limit", "download"],
     "model": ["likelihood", "z_dim", "hidden_dims", "activation", "network",
               "stochastic_layers", "z1_dim", "top_hidden_dims"],
-    "train": ["epochs", "batch_size", "lr", "elbo", "num_particles", "objective", "dreg",
-              "kl_warmup", "beta", "fast_step", "seed", "device", "nan_policy", "tensorboard"],
+    "train": ["epochs", "batch_size", "lr", "lr_schedule", "adam_eps", "elbo", "num_particles",
+              "objective", "dreg", "kl_warmup", "beta", "fast_step", "seed", "device",
+              "nan_policy", "tensorboard"],
 }
 # config fields whose flag is not simply --field-name
 _FLAGS = {"likelihood_options": "--likelihood-option", "download": "--no-download",

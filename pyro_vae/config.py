@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 BINARIZE_MODES = ("none", "dynamic", "static")
 ELBOS = ("trace", "meanfield")
 OBJECTIVES = ("elbo", "iwae")
+LR_SCHEDULES = ("constant", "burda")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
 MAX_SEED = 2**32 - 1  # numpy's seed range, which pyro.set_rng_seed passes seeds to
@@ -63,6 +64,8 @@ class TrainConfig:
     epochs: int = 10  # total epochs; a resume continues up to this number
     batch_size: int = 128
     lr: float = 1e-3  # Adam learning rate
+    lr_schedule: str = "constant"  # constant | burda: lr * 10^(-i/7) for 3^i epochs, i = 0..7
+    adam_eps: float = 1e-8  # Adam's epsilon (Burda et al.: 1e-4)
     elbo: str = "trace"  # trace (Trace_ELBO) | meanfield (TraceMeanField_ELBO, analytic KL)
     num_particles: int = 1  # ELBO particles, vectorized; K of the IWAE bound
     objective: str = "elbo"  # elbo | iwae (Burda et al.: K = num_particles)
@@ -177,6 +180,11 @@ class RunConfig:
         _seed("TrainConfig.seed", t.seed)
         _choice("TrainConfig.elbo", t.elbo, ELBOS)
         _choice("TrainConfig.objective", t.objective, OBJECTIVES)
+        _choice("TrainConfig.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+        if isinstance(t.adam_eps, bool) or not isinstance(t.adam_eps, (int, float)) or \
+                not 0 < t.adam_eps < 1:
+            raise ConfigError(f"TrainConfig.adam_eps must be a number in (0, 1), "
+                              f"got {t.adam_eps!r}")
         if not isinstance(t.kl_warmup, int) or isinstance(t.kl_warmup, bool) or t.kl_warmup < 0:
             raise ConfigError(f"TrainConfig.kl_warmup must be a whole number of epochs >= 0, "
                               f"got {t.kl_warmup!r}")

@@ -35,7 +35,7 @@ from torch import nn
 from .config import TrainConfig
 
 __all__ = ["IWAE_ELBO", "Objective", "SyncFreeTraceMeanField_ELBO", "SyncFreeTrace_ELBO",
-           "kl_weight", "make_elbo"]
+           "kl_weight", "learning_rate", "make_elbo"]
 
 
 class _SyncFree:
@@ -220,6 +220,23 @@ def make_elbo(config: TrainConfig):
         vectorize_particles=config.num_particles > 1,
         max_plate_nesting=1,
     )
+
+
+BURDA_STAGES = 8  # i = 0..7: 3^i epochs at 1e-3 * 10^(-i/7), 3,280 epochs in all
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (1, 2, ...): ``config.lr``, or under the
+    ``burda`` schedule ``config.lr * 10^(-i/7)`` in stage ``i``, which lasts ``3^i``
+    epochs (Burda et al., 2015); after the last stage the last rate stays."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    end = 0
+    for stage in range(BURDA_STAGES):
+        end += 3**stage
+        if epoch <= end:
+            break
+    return config.lr * 10 ** (-stage / 7)
 
 
 def kl_weight(config: TrainConfig, epoch: int) -> float:

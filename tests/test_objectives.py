@@ -9,7 +9,7 @@ import torch
 import pyro_vae
 from pyro_vae import VAE, Objective, RunConfig
 from pyro_vae.estimators import fixed_noise, log_weights
-from pyro_vae.objective import IWAE_ELBO, SyncFreeTrace_ELBO, kl_weight
+from pyro_vae.objective import IWAE_ELBO, SyncFreeTrace_ELBO, kl_weight, learning_rate
 
 from .helpers import exact_log_px, linear_gaussian_vae, tiny_config
 
@@ -176,3 +176,26 @@ def test_kl_warm_up_resumes_exactly(tmp_path):
     resumed = pyro_vae.train(resume=tmp_path / "b", epochs=3, progress=False)
     assert comparable(straight.metrics) == comparable(resumed.metrics)
     assert [r.get("kl_weight") for r in straight.metrics] == [1 / 3, 2 / 3, None]
+
+
+def test_the_burda_schedule_has_eight_stages_of_3_to_the_i_epochs():
+    config = RunConfig().train
+    config.lr_schedule = "burda"
+    rates = [learning_rate(config, e) for e in range(1, 3281)]
+    stages = sorted(set(rates), reverse=True)
+    assert len(stages) == 8
+    assert [rates.count(r) for r in stages] == [3**i for i in range(8)]
+    assert stages[-1] == pytest.approx(1e-3 * 10 ** (-1)) and stages[0] == 1e-3
+    assert learning_rate(config, 5000) == stages[-1]  # past the protocol: the last rate
+    config.lr_schedule = "constant"
+    assert learning_rate(config, 99) == config.lr
+
+
+def test_a_scheduled_run_resumes_exactly_and_uses_adams_eps(tmp_path):
+    from .helpers import comparable
+    straight = pyro_vae.train(tiny_config(lr_schedule="burda", adam_eps=1e-4, epochs=3),
+                              tmp_path / "a", progress=False)
+    pyro_vae.train(tiny_config(lr_schedule="burda", adam_eps=1e-4, epochs=1), tmp_path / "b",
+                   progress=False)
+    resumed = pyro_vae.train(resume=tmp_path / "b", epochs=3, progress=False)
+    assert comparable(straight.metrics) == comparable(resumed.metrics)

@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..data import DeviceBatches
 from ..errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
 from ..estimators import importance_log_likelihood
-from ..objective import Objective, kl_weight, make_elbo
+from ..objective import Objective, kl_weight, learning_rate, make_elbo
 from ..progress import Progress
 from ..registry import MAIN
 from ..tracking import TensorBoard, check_available
@@ -147,12 +147,12 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     weighted = config.train.kl_warmup > 0 or config.train.beta != 1
     objective = Objective(vae, make_elbo(config.train), num_data, weighted_kl=weighted)
     trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
-                      nan_policy=config.train.nan_policy,
+                      nan_policy=config.train.nan_policy, eps=config.train.adam_eps,
                       module=ctx.wrap(objective, device) if ctx.distributed else None)
     history: list[dict] = []
     start_epoch, partial = 0, None
     if state is not None:
-        _restore(state, vae, trainer, run_dir, config.train.lr)
+        _restore(state, vae, trainer, run_dir, learning_rate(config.train, state.epoch + 1))
         start_epoch, partial = state.epoch, state.partial
         history = run_dir.truncate_metrics(start_epoch) if writer else []
         if partial is not None and ctx.distributed:
@@ -188,6 +188,7 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
                 torch.manual_seed(seeds.rank_epoch(config.train.seed, epoch, ctx.rank))
             if weighted:
                 objective.set_kl_weight(kl_weight(config.train, epoch))
+            trainer.set_lr(learning_rate(config.train, epoch))
             begun = (EpochProgress.from_dict(partial, device) if partial is not None
                      else EpochProgress(batches.permutation(epoch)))
             partial = None

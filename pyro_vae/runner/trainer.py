@@ -56,17 +56,18 @@ class Diverged(Exception):
         self.step = step
 
 
-def _adam(params, lr: float, device: torch.device, capturable: bool) -> torch.optim.Adam:
+def _adam(params, lr: float, device: torch.device, capturable: bool, eps: float = 1e-8
+          ) -> torch.optim.Adam:
     """Adam with the fastest implementation torch has for ``device`` (same update rule)."""
     if capturable:
         try:
-            return torch.optim.Adam(params, lr=lr, capturable=True, fused=True)
+            return torch.optim.Adam(params, lr=lr, eps=eps, capturable=True, fused=True)
         except (RuntimeError, ValueError):  # torch without a capturable fused Adam
-            return torch.optim.Adam(params, lr=lr, capturable=True)
+            return torch.optim.Adam(params, lr=lr, eps=eps, capturable=True)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, ValueError):  # torch without a fused Adam for this device
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
 class Trainer:
@@ -89,10 +90,13 @@ class Trainer:
     module:
         What to call for the loss in eager steps, if not ``objective`` itself (the
         objective wrapped in ``DistributedDataParallel``).
+    eps:
+        Adam's epsilon (Burda et al. use 1e-4).
     """
 
     def __init__(self, objective: nn.Module, lr: float, *, fast: bool = True,
-                 nan_policy: str = "stop", module: nn.Module | None = None):
+                 nan_policy: str = "stop", module: nn.Module | None = None,
+                 eps: float = 1e-8):
         self.objective, self.module = objective, module or objective
         self.nan_policy = nan_policy
         self.params = [p for p in objective.parameters() if p.requires_grad]
@@ -104,10 +108,19 @@ class Trainer:
             self.mode = "traced"
         else:
             self.mode = "eager"
-        self.optimizer = _adam(self.params, lr, self.device, self.mode == "cuda-graph")
+        self.optimizer = _adam(self.params, lr, self.device, self.mode == "cuda-graph", eps)
         self.skipped_steps = 0
         self._validated: set[tuple] = set()
         self._replays: dict[tuple, Callable] = {}
+
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` from the next step on (a schedule, between epochs)."""
+        changed = False
+        for group in self.optimizer.param_groups:
+            changed |= group["lr"] != lr
+            group["lr"] = lr
+        if changed and self.mode == "cuda-graph":
+            self._replays.clear()  # captured with the old rate: capture again
 
     # -- the step ------------------------------------------------------------------------
 
