@@ -433,13 +433,13 @@ def khat_per_image(k_hat: Sequence[float], ax: Axes | None = None,
     colours = np.where(k_hat < KHAT_GOOD, "tab:green",
                        np.where(k_hat <= KHAT_BAD, "tab:orange", "tab:red"))
     idx = _image_axis(ax, images, len(k_hat))
-    ax.bar(idx, k_hat, color=colours)
+    ax.bar(idx, k_hat, color=colours, width=0.6)
     top = max(float(np.nanmax(k_hat, initial=0.0)), KHAT_BAD) * 1.15
     ax.set_ylim(min(0.0, float(np.nanmin(k_hat, initial=0.0)) * 1.15), top)
-    for level, text in [(KHAT_GOOD, "0.5: good below"), (KHAT_BAD, "0.7: unreliable above")]:
+    for level, text in [(KHAT_GOOD, "0.5\ngood below"), (KHAT_BAD, "0.7\nbad above")]:
         ax.axhline(level, ls="--", lw=1, color="gray")
-        ax.text(0.01, level, text, transform=ax.get_yaxis_transform(), ha="left",
-                va="bottom", fontsize=8, color="dimgray")
+        ax.text(1.01, level, text, transform=ax.get_yaxis_transform(), ha="left",
+                va="center", fontsize=7, color="dimgray")  # beside the axes: never on a bar
     ax.set_ylabel("Pareto k-hat")
     ax.set_title(_title(_with("How well q(z | x) serves as an importance proposal", about),
                         5.5), fontsize=10)
