@@ -80,3 +80,19 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_and_on_two(two_rank_run, t
         assert [r["epoch"] for r in resumed] == [1, 2, 3]
         assert resumed[:2] == metrics(two_rank_run / "run")
         assert resumed[2]["train_elbo"] > resumed[1]["train_elbo"] - 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options, key", [
+    (["--objective", "iwae", "--num-particles", "3", "--dreg"], "test_iwae"),
+    (["--kl-warmup", "2", "--beta", "0.5", "--stochastic-layers", "2", "--network", "conv"],
+     "kl_weight"),
+], ids=["iwae-dreg", "kl-weight-two-layers-conv"])
+def test_research_options_train_under_torchrun_and_resume_on_one_process(tmp_path, options, key):
+    run = tmp_path / "run"
+    torchrun(2, "-m", "pyro_vae", "train", "--dataset", "mnist-sample", "--train-limit", "256",
+             "--test-limit", "64", "--hidden-dims", "32", "--z-dim", "4", "--batch-size", "32",
+             "--epochs", "1", "--quiet", *options, "--out", run, cwd=tmp_path)
+    assert key in metrics(run)[0]
+    resumed = train(resume=run, epochs=2, progress=False)
+    assert [r["epoch"] for r in resumed.metrics] == [1, 2]
