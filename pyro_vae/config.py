@@ -200,8 +200,8 @@ class RunConfig:
                               "term; use them with TrainConfig.objective = 'elbo'")
         if t.dreg and m.stochastic_layers == 2:
             raise ConfigError("TrainConfig.dreg stops each guide site's parameters, which is "
-                              "exact for one stochastic layer only; use ModelConfig."
-                              "stochastic_layers = 1, or train two layers without it")
+                              "exact for one stochastic layer only; set ModelConfig."
+                              "stochastic_layers to 1, or train two layers without it")
         if t.objective == "iwae" and t.elbo != "trace":
             raise ConfigError("TrainConfig.elbo = 'meanfield' (analytic KL) has no IWAE "
                               "counterpart; leave TrainConfig.elbo at 'trace'")
