@@ -182,8 +182,9 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
         images = cap
     x = run.data.test_x[:images]
     expected = estimate_seconds(run.vae, x, num_samples, warmup, chains, seed)
-    log.info("diagnosing %d image(s): %d NUTS chain(s) x %d iterations each; expected about "
-             "%s", images, chains, warmup + num_samples, duration(expected))
+    log.info("diagnosing %d image(s): %d NUTS chain(s) x %d iterations each, then a fit of "
+             "q* per image; expected about %s", images, chains, warmup + num_samples,
+             duration(expected))
     labels = run.data.test_y[:images].tolist()
     result = diagnose(run.vae, x, num_samples, warmup, chains, iwae_samples=iwae_samples,
                       seed=seed, labels=labels, progress=progress)

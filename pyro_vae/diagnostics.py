@@ -190,20 +190,29 @@ PILOT_ITERATIONS = 40  # NUTS iterations timed to estimate the cost of a diagnos
 
 
 def estimate_seconds(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int = 500,
-                     num_chains: int = 2, seed: int = 0) -> float:
+                     num_chains: int = 2, seed: int = 0, gap_steps: int = 500) -> float:
     """Seconds that :func:`diagnose` of the images ``x`` will take, roughly.
 
     NUTS dominates: a short pilot chain on the first image (half warm-up, half draws) is
     timed and scaled to ``num_chains * (num_warmup + num_samples)`` iterations per image.
-    The pace of NUTS varies with each posterior's geometry, so this is a guide, not a
-    promise; :func:`diagnose` reports the time left after every image.
+    The per-image fit of q* is timed over a few steps (the difference of 25 and 5 steps,
+    so the one-off tracing does not count) and scaled to ``gap_steps``. The pace of NUTS
+    varies with each posterior's geometry, so this is a guide, not a promise;
+    :func:`diagnose` reports the time left after every image.
     """
     half = PILOT_ITERATIONS // 2
     with fixed_noise(seed, x.device):
         start = time.perf_counter()
         nuts_posterior(vae, x[0], half, half, 1, seed)
         per_iteration = (time.perf_counter() - start) / PILOT_ITERATIONS
-    return per_iteration * num_chains * (num_warmup + num_samples) * len(x)
+        fits = []
+        for steps in (5, 25):
+            start = time.perf_counter()
+            optimal_gaussian(vae, x, steps=steps)
+            fits.append(time.perf_counter() - start)
+    per_fit_step = max(fits[1] - fits[0], 0.0) / 20
+    return (per_iteration * num_chains * (num_warmup + num_samples) * len(x)
+            + per_fit_step * gap_steps)
 
 
 def diagnose(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int = 500,

@@ -52,7 +52,7 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
 
 def _title(text: str, width_inches: float) -> str:
     """``text`` wrapped to the width of a figure (10-point characters)."""
-    return "\n".join(textwrap.wrap(text, max(16, int(width_inches * 13))))
+    return "\n".join(textwrap.wrap(text, max(16, int(width_inches * 11))))
 
 
 def _with(title: str, about: str | None) -> str:
