@@ -276,7 +276,7 @@ def interpolation_grid(vae: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps
               for kind in ("linear", "spherical")]
     columns = [f"{t:.2f}" for t in torch.linspace(0, 1, steps).tolist()]
     return _image_rows(rows, labels, columns, _with(
-        "Interpolations between the posterior means of two test images (t = 0 .. 1)", about))
+        "Interpolations between the posterior means of two test images, t = 0..1", about))
 
 
 FIGURE_KINDS = ("reconstructions", "samples", "curves", "latent", "manifold", "traversals",
