@@ -186,7 +186,8 @@ class Diagnosis:
     nuts_draws: np.ndarray | None = None  # (image, chain, draw, latent)
 
 
-PILOT_ITERATIONS = 40  # NUTS iterations timed to estimate the cost of a diagnosis
+PILOT_ITERATIONS = 100  # NUTS iterations timed to estimate the cost of a diagnosis (40 ran
+# too fast: the first warm-up steps are cheaper than the rest)
 
 
 def estimate_seconds(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int = 500,
