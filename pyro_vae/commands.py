@@ -70,7 +70,7 @@ def evaluate(run: Run | str | os.PathLike, split: str = "test", iwae_samples: in
     run = as_run(run)
     result = evaluate_run(run, split, iwae_samples, batch_size, progress=progress)
     if write and run.path is not None:
-        results = read_evaluations(run)
+        results = _evaluations(run.path / EVALUATIONS, keep_damaged=True)
         results.setdefault(split, {})[str(iwae_samples)] = result
         _write_json(run.path / EVALUATIONS, results)
         if run.config.train.tensorboard:
@@ -84,10 +84,17 @@ def read_evaluations(run: Run | str | os.PathLike) -> dict[str, dict[str, dict]]
     """The evaluations kept in ``RUN_DIR/eval.json``: ``{split: {K: result}}``.
 
     A file written before results were keyed (one flat result) is read into this form; an
-    unreadable one is renamed ``eval.json.damaged`` (kept, not lost) and reads as empty.
+    unreadable one reads as empty, with a warning (:func:`evaluate` keeps it as
+    ``eval.json.damaged`` before writing a new one, so nothing is lost).
     """
-    folder = Path(run.path if isinstance(run, Run) else run)
-    path = folder / EVALUATIONS
+    return _evaluations(_folder(run) / EVALUATIONS)
+
+
+def _folder(run: Run | str | os.PathLike) -> Path:
+    return Path(run.path if isinstance(run, Run) else run)
+
+
+def _evaluations(path: Path, keep_damaged: bool = False) -> dict[str, dict[str, dict]]:
     if not path.is_file():
         return {}
     try:
@@ -95,9 +102,12 @@ def read_evaluations(run: Run | str | os.PathLike) -> dict[str, dict[str, dict]]
         if not isinstance(data, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError):
-        kept = path.with_name(EVALUATIONS + ".damaged")
-        os.replace(path, kept)
-        log.warning("%s was unreadable; kept as %s", path, kept)
+        if keep_damaged:
+            kept = path.with_name(EVALUATIONS + ".damaged")
+            os.replace(path, kept)
+            log.warning("%s was unreadable; kept as %s", path, kept)
+        else:
+            log.warning("%s is unreadable; read as empty", path)
         return {}
     if "split" in data and "iwae_samples" in data:  # one flat result, as first written
         return {data["split"]: {str(data["iwae_samples"]): data}}

@@ -127,8 +127,15 @@ def test_an_old_flat_eval_json_is_read_and_a_damaged_one_is_kept(tmp_path):
     assert read_evaluations(tmp_path) == {"test": {"50": {"split": "test", "iwae_samples": 50,
                                                           "log_px": -100.0}}}
     (tmp_path / "eval.json").write_text("{broken")
-    assert read_evaluations(tmp_path) == {}
-    assert (tmp_path / "eval.json.damaged").read_text() == "{broken"
+    assert read_evaluations(tmp_path) == {}  # reading changes nothing
+    assert (tmp_path / "eval.json").read_text() == "{broken"
+
+
+def test_evaluate_keeps_a_damaged_eval_json_before_writing(run_folder):
+    (run_folder / "eval.json").write_text("{broken")
+    pyro_vae.evaluate(run_folder, iwae_samples=2)
+    assert (run_folder / "eval.json.damaged").read_text() == "{broken"
+    assert set(read_evaluations(run_folder)["test"]) == {"2"}
 
 
 def test_sample_repeats_with_its_seed_and_leaves_the_global_stream_alone(run_folder, tmp_path):
