@@ -70,7 +70,8 @@ def check_config(config: RunConfig) -> RunConfig:
     likelihood = likelihood_for(config)
     likelihood.check_options(config.model.likelihood_options)
     config.model.likelihood_module = likelihood_module(config.model.likelihood)
-    get_network(config.model.network, config.model.network_module)  # known here?
+    # a network this process lacks fails here, naming the module the run recorded
+    get_network(config.model.network, config.model.network_module)
     config.model.network_module = network_module(config.model.network)
     return config
 
