@@ -19,7 +19,8 @@ def torchrun(nproc, *args, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), *map(str, args)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (f"exit {result.returncode}\nstdout: {result.stdout[-1500:]}"
+                                    f"\nstderr: {result.stderr[-3000:]}")
     return result
 
 
