@@ -38,6 +38,8 @@ __all__ = ["AffineBeta", "ContinuousBernoulli", "OpenInterval", "UnnormalizedBer
 # below these |logit|s the closed forms lose digits to cancellation; the series are exact
 # to float32 there (their first omitted terms are below 1e-9, 1e-9, 1e-8 and 1e-9)
 _LOG_NORM_SERIES, _MEAN_SERIES, _VAR_SERIES, _ICDF_SERIES = 0.1, 0.5, 1.0, 1e-3
+# AffineBeta draws stay this many machine epsilons inside (0, 1)
+_BOUNDARY_STEPS = 4
 
 
 def _safe(logit: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
@@ -238,6 +240,18 @@ class AffineBeta(dist.TransformedDistribution):
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
         return OpenInterval(-self.shift / self.scale, (1 - self.shift) / self.scale)
+
+    def rsample(self, sample_shape=()):
+        # torch's Beta draws land on exactly 0 or 1 at small concentrations (the gamma
+        # ratio underflows), whose density is infinite or zero; keep y a few float steps
+        # inside (0, 1), so the map to x and back never rounds onto the boundary
+        y = self.base_dist.rsample(sample_shape)
+        margin = _BOUNDARY_STEPS * torch.finfo(y.dtype).eps
+        return (y.clamp(margin, 1 - margin) - self.shift) / self.scale
+
+    def sample(self, sample_shape=()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
 
     @property
     def mean(self):
