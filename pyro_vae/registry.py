@@ -20,18 +20,38 @@ allowed and replaces the entry; a *different* function under a taken name needs
 
 from __future__ import annotations
 
-import logging
+import importlib
+import os
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from typing import Generic, TypeVar
 
-from .errors import ConfigError, NotRegisteredError
+from .errors import ConfigError, NotRegisteredError, PyroVAEError, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
 MAIN = "__main__"  # a part defined in a script or notebook cell: no other process has it
+
+
+def import_modules(names: list[str]) -> None:
+    """Import each module named (the current folder searched too, as ``python -m`` does):
+    what ``--import`` does. A module that is missing or fails is one :class:`ConfigError`."""
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"{{import={name}}}: no module named {e.name!r} (put {name}.py "
+                              "in the current folder or on PYTHONPATH)") from None
+        except PyroVAEError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's module failed: say how, in one line
+            text = " ".join(str(e).split())[:200]
+            raise ConfigError(f"{{import={name}}} failed: {type(e).__name__}: {text}") from None
 
 
 def origin(func: Callable) -> tuple[str, str]:
@@ -43,7 +63,7 @@ class Registry(Generic[T]):
     """Parts of one kind by name, with the module that registered each.
 
     ``kind`` names the part in messages (``likelihood``); ``field`` is the setting that
-    chooses it (``ModelConfig.likelihood``).
+    chooses it (``"model.likelihood"``).
     """
 
     def __init__(self, kind: str, field: str):
@@ -88,13 +108,14 @@ class Registry(Generic[T]):
             raise NotRegisteredError(
                 f"{self.kind} '{name}' was defined in {MAIN} (a script or notebook) of the "
                 f"process that trained this run, so no other process has it; move it into a "
-                f"module, then import it before loading the run") from None
+                f"module, then {{import=it}}") from None
         if module:
-            raise NotRegisteredError(f"{self.kind} '{name}' is registered by module '{module}'; "
-                              f"import {module} before loading the run") from None
-        raise NotRegisteredError(f"unknown {self.kind} '{name}'; {self.field} must be one of: "
-                          f"{', '.join(self.names())} (or register your own with "
-                          f"register_{self.kind})") from None
+            raise NotRegisteredError(f"{self.kind} '{name}' is registered by module "
+                                     f"'{module}'; {{import={module}}}") from None
+        raise NotRegisteredError(
+            f"unknown {self.kind} '{name}'; {{{self.field}}} must be one of: "
+            f"{', '.join(self.names())} (or register your own {self.kind} in a module and "
+            "{import=it})") from None
 
     def _load_entry_points(self) -> None:
         """Import the modules that installed packages declare for this kind, once."""

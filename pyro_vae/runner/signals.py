@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import threading
 
-log = logging.getLogger(__name__)
+from ..errors import get_logger
+
+log = get_logger(__name__)
 
 
 class StopRequest:
