@@ -2,7 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .commands import diagnose_run, evaluate, read_evaluations, sample, write_figures
+from .commands import (
+    diagnose_run,
+    evaluate,
+    evaluate_run,
+    read_evaluations,
+    sample,
+    write_figures,
+)
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .errors import (
@@ -14,7 +21,6 @@ from .errors import (
     TrainingDiverged,
 )
 from .estimators import elbo_terms, importance_log_likelihood, log_weights
-from .evaluate import evaluate_run
 from .likelihoods import Likelihood, available_likelihoods, get_likelihood, register_likelihood
 from .model import VAE, TwoLayerVAE
 from .networks import available_networks, register_network
@@ -22,8 +28,8 @@ from .objective import Objective, SyncFreeTrace_ELBO, SyncFreeTraceMeanField_ELB
 from .plots import figures_for_run
 from .runner.resolve import build_vae
 from .runner.rundir import Run, load_run
+from .runner.step import Trainer
 from .runner.train import train
-from .runner.trainer import Trainer
 
 __all__ = [
     "VAE", "TwoLayerVAE", "Run", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "Dataset",

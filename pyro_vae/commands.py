@@ -11,24 +11,26 @@ what its command does -- results returned, files written where the command write
     pyro_vae.sample(run, 16, out="samples.png")   # sample
     pyro_vae.diagnose_run(run, images=2)          # diagnose
 
-``train`` is :func:`pyro_vae.train` itself. The command-line tool calls these functions
-and only parses and prints.
+``train`` is :func:`pyro_vae.train` itself. The command-line tool derives its options
+from these signatures (defaults included), calls these functions, and only prints.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
+from . import seeds
+from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
-from .errors import ConfigError
-from .estimators import fixed_noise
-from .evaluate import evaluate_run
+from .errors import ConfigError, get_logger
+from .estimators import elbo_terms, fixed_noise, importance_log_likelihood
 from .plots import (
     describe,
     figures_for_run,
@@ -40,34 +42,101 @@ from .plots import (
     save_figures,
 )
 from .progress import duration
+from .runner.resolve import resolve_device
 from .runner.rundir import Run, load_run
 from .tracking import TensorBoard
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 EVALUATIONS = "eval.json"
 DIAGNOSTICS = "diagnostics.json"
+SPLITS = ("test", "train")
 MAX_DIAGNOSED_IMAGES = 100  # NUTS per image: past this, diagnose takes hours
 
 
 def as_run(run: Run | str | os.PathLike, device: str | torch.device = "cpu") -> Run:
-    """``run`` itself, or the run loaded from the folder it names."""
-    return run if isinstance(run, Run) else load_run(run, device=device)
+    """``run`` itself, or the run loaded from the folder it names onto ``device``
+    (``auto``: CUDA if available)."""
+    if isinstance(run, Run):
+        return run
+    return load_run(run, device=resolve_device(str(device)))
 
 
-# -- evaluate ----------------------------------------------------------------------------
+def _check_counts(**counts) -> None:
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{{{name}}} must be a positive integer, got {value!r}")
+
+
+def evaluate_run(run: Run, split: str = "test", iwae_samples: int = 5000,
+                 batch_size: int = 100, progress: bool | None = False) -> dict:
+    """ELBO terms and importance-sampled ``log p(x)`` of a trained run on one split.
+
+    Returns means over images (nats per image, higher is better) with their standard
+    errors; bits per dimension where the likelihood is a probability mass function of the
+    data it scores. Binarized data sets are binarized once with the run's fixed seed, so
+    results repeat on every device. ``progress``: ``None`` -- a bar on a terminal, log
+    lines elsewhere; ``False`` -- silent. :func:`evaluate` also keeps the result.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    _check_counts(iwae_samples=iwae_samples, batch_size=batch_size)
+    vae, config = run.vae, run.config
+    x = run.data.test_x
+    if split == "train":
+        x = run.data.train_x
+        if config.data.binarize == "dynamic":
+            x = binarize(x, seeds.train_eval_binarization(config.data.binarize_seed))
+    start = time.perf_counter()
+    terms = elbo_terms(vae, x, batch_size, seed=seeds.elbo_noise(config.train.seed))
+    log_px = importance_log_likelihood(vae, x, iwae_samples, batch_size,
+                                       seed=seeds.importance_noise(config.train.seed),
+                                       progress=progress)
+    n, lik = len(x), vae.likelihood
+    result = {"split": split, "num_images": n, "iwae_samples": iwae_samples,
+              "likelihood": lik.name, "normalized": lik.normalized, "epoch": run.epoch,
+              "partial_step": run.partial_step}
+    for name, values in [("elbo", terms.elbo), ("log_likelihood_term", terms.log_likelihood),
+                         ("kl", terms.kl), ("log_px", log_px), ("gap", log_px - terms.elbo)]:
+        result[name] = values.mean().item()
+        result[f"{name}_se"] = (values.std() / math.sqrt(n)).item() if n > 1 else math.nan
+    # bits/dim is the usual figure for a probability mass function on binary pixels; a
+    # density of 8-bit pixels is not one without dequantization, so none is given then
+    result["bits_per_dim"] = (-result["log_px"] / (vae.x_dim * math.log(2))
+                              if lik.binary else None)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def evaluation_table(r: dict) -> str:
+    """An :func:`evaluate_run` result as the lines ``pyro-vae evaluate`` prints."""
+    partial = f", then {r['partial_step']} steps more" if r["partial_step"] else ""
+    lines = [f"(epoch {r['epoch']}{partial}, {r['likelihood']}), {r['split']} split, "
+             f"{r['num_images']} images, nats per image:"]
+    for name, key in [("ELBO", "elbo"), ("  E_q log p(x|z)", "log_likelihood_term"),
+                      ("  KL(q || p)", "kl"), (f"log p(x), K={r['iwae_samples']}", "log_px"),
+                      ("log p(x) - ELBO", "gap")]:
+        lines.append(f"  {name:18s} {r[key]:10.2f}  +- {r[key + '_se']:.2f}")
+    if r["bits_per_dim"] is not None:
+        lines.append(f"  {'bits/dim':18s} {r['bits_per_dim']:10.4f}")
+    if not r["normalized"]:
+        lines.append("  note: this likelihood is not normalized; these are not log-likelihoods")
+    return "\n".join(lines)
 
 
 def evaluate(run: Run | str | os.PathLike, split: str = "test", iwae_samples: int = 5000,
-             batch_size: int = 100, *, write: bool = True, progress: bool | None = False
-             ) -> dict:
-    """ELBO terms and importance-sampled ``log p(x)`` (:func:`~pyro_vae.evaluate_run`).
+             batch_size: int = 100, *, device: str = "auto", write: bool = True,
+             progress: bool | None = False) -> dict:
+    """:func:`evaluate_run` of a run (or its folder, loaded onto ``device``).
 
     With ``write`` the result is kept in ``RUN_DIR/eval.json`` under its split and ``K``
     (:func:`read_evaluations`), beside earlier ones: a quick ``K = 1`` check never replaces
     a ``K = 5000`` result. Runs trained with TensorBoard also get the numbers there.
     """
-    run = as_run(run)
+    if split not in SPLITS:  # before the run is loaded
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    _check_counts(iwae_samples=iwae_samples, batch_size=batch_size)
+    run = as_run(run, device)
     result = evaluate_run(run, split, iwae_samples, batch_size, progress=progress)
     if write and run.path is not None:
         results = _evaluations(run.path / EVALUATIONS, keep_damaged=True)
@@ -120,15 +189,12 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-# -- figures and samples -----------------------------------------------------------------
-
-
-def write_figures(run: Run | str | os.PathLike, kinds=None, folder: str | Path | None = None
-                  ) -> list[Path]:
+def write_figures(run: Run | str | os.PathLike, kinds=None, folder: str | Path | None = None,
+                  *, device: str = "auto") -> list[Path]:
     """Write the run's figures (or the ``kinds`` named) as PNGs to ``RUN_DIR/figures`` (or
     ``folder``); returns their paths. :func:`pyro_vae.plots.figures_for_run` returns the
     figures themselves, for a notebook."""
-    run = as_run(run)
+    run = as_run(run, device)
     if folder is None:
         if run.path is None:
             raise ConfigError("this run was trained in memory; give a folder for its figures")
@@ -137,22 +203,21 @@ def write_figures(run: Run | str | os.PathLike, kinds=None, folder: str | Path |
 
 
 def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool = False,
-           seed: int = 0, out: str | Path | None = None) -> Figure:
+           seed: int = 0, out: str | Path | None = None, device: str = "auto") -> Figure:
     """A grid of ``num_samples`` images from the prior: the likelihood's mean of
     ``p(x | z)``, or draws ``x ~ p(x | z)`` with ``draws``; saved to ``out`` (a .png) if
     given. The same ``seed`` gives the same images."""
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+    _check_counts(num_samples=num_samples)
     if out is not None and Path(out).suffix.lower() != ".png":
-        raise ConfigError(f"out must name a .png file, got {out}")
-    run = as_run(run)
+        raise ConfigError(f"the output must name a .png file, got {out}")
+    run = as_run(run, device)
     with fixed_noise(seed, run.device):
         d = run.vae.sample_prior(num_samples)
         if draws:
             try:
                 images, what = d.sample(), "draws x ~ p(x | z)"
             except NotImplementedError as e:
-                raise ConfigError(f"{e}; sample the mean instead (draws=False)") from None
+                raise ConfigError(f"{e}; sample the mean instead (without {{draws}})") from None
         else:
             images, what = d.mean, "mean of p(x | z)"
     fig = image_grid(images.cpu(), title=f"{num_samples} prior samples, {what} -- {describe(run)}")
@@ -162,12 +227,10 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
     return fig
 
 
-# -- diagnose ----------------------------------------------------------------------------
-
-
 def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int = 500,
                  warmup: int = 500, chains: int = 2, iwae_samples: int = 5000, seed: int = 0,
-                 *, write: bool = True, progress: bool | None = False) -> Diagnosis:
+                 *, device: str = "cpu", write: bool = True, progress: bool | None = False
+                 ) -> Diagnosis:
     """Posterior diagnostics of the first ``images`` test images (:func:`diagnose`).
 
     Logs the expected time first (a short timed NUTS pilot); asks for at most
@@ -175,11 +238,11 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
     beyond that is capped, with a warning). With ``write``: ``RUN_DIR/diagnostics.json``
     and four figures ``RUN_DIR/figures/diagnostics_*.png``.
     """
-    for name, value in [("images", images), ("num_samples", num_samples), ("warmup", warmup),
-                        ("chains", chains), ("iwae_samples", iwae_samples)]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    run = as_run(run)
+    _check_counts(images=images, num_samples=num_samples, warmup=warmup, chains=chains,
+                  iwae_samples=iwae_samples)
+    if chains < 2:
+        log.warning("R-hat needs at least 2 chains; it is reported as NaN")
+    run = as_run(run, device)
     if run.vae.stochastic_layers != 1:
         raise ConfigError("diagnostics compare the guide with NUTS on one latent layer; this "
                           "run has two stochastic layers")

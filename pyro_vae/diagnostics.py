@@ -22,8 +22,6 @@ For chosen images ``x`` and the trained decoder (frozen):
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,30 +34,14 @@ from pyro.infer import MCMC, NUTS
 from torch import nn
 
 from .arviz_compat import ess, pareto_khat, rhat, to_arviz
-from .estimators import fixed_noise, log_weights
-from .model import VAE
+from .errors import get_logger
+from .estimators import fixed_noise, log_mean_exp, log_weights
+from .model import VAE, evaluating
 from .objective import Objective, SyncFreeTrace_ELBO
 from .progress import Progress, duration
-from .runner.trainer import Trainer
+from .runner.step import Trainer
 
-log = logging.getLogger(__name__)
-
-
-# -- Reference posterior by NUTS --------------------------------------------------------
-
-
-@contextlib.contextmanager
-def frozen(vae: VAE):
-    """The VAE's parameters without gradients (restored afterwards), in eval mode."""
-    flags = [p.requires_grad for p in vae.parameters()]
-    was_training = vae.training
-    vae.requires_grad_(False).eval()
-    try:
-        yield vae
-    finally:
-        for p, flag in zip(vae.parameters(), flags):
-            p.requires_grad_(flag)
-        vae.train(was_training)
+log = get_logger(__name__)
 
 
 def nuts_posterior(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int = 500,
@@ -71,7 +53,7 @@ def nuts_posterior(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup
     """
     x = x.reshape(1, -1)
     draws, diverging = [], []
-    with frozen(vae):
+    with evaluating(vae, frozen=True):
         for chain in range(num_chains):
             pyro.set_rng_seed(seed + chain)
             mcmc = MCMC(NUTS(vae.model), num_samples=num_samples, warmup_steps=num_warmup,
@@ -82,9 +64,6 @@ def nuts_posterior(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup
             mask[mcmc.diagnostics()["divergences"]["chain 0"]] = True
             diverging.append(mask)
     return np.stack(draws), np.stack(diverging)
-
-
-# -- Inference gaps ------------------------------------------------------------------------
 
 
 class _GaussianPerImage(nn.Module):
@@ -105,9 +84,9 @@ def optimal_gaussian(vae: VAE, x: torch.Tensor, steps: int = 500, num_particles:
     """Per-image Gaussian q*(z | x) maximizing the ELBO, by SVI from the encoder's output.
 
     Returns ``(loc, scale)``, each ``(B, z_dim)``. The decoder stays fixed; the fit runs
-    :meth:`~pyro_vae.runner.trainer.Trainer.step`, like training.
+    :meth:`~pyro_vae.runner.step.Trainer.step`, like training.
     """
-    with frozen(vae), torch.no_grad():
+    with evaluating(vae, frozen=True), torch.no_grad():
         q = _GaussianPerImage(*vae.encoder(x))
 
     def guide(x):
@@ -115,15 +94,12 @@ def optimal_gaussian(vae: VAE, x: torch.Tensor, steps: int = 500, num_particles:
 
     elbo = SyncFreeTrace_ELBO(num_particles=num_particles, vectorize_particles=True,
                               max_plate_nesting=1)
-    with frozen(vae):  # before the trainer is built: it optimizes what requires gradients
+    # frozen before the trainer is built: it optimizes what requires gradients
+    with evaluating(vae, frozen=True):
         trainer = Trainer(Objective(vae, elbo, guide=guide, extra=q), lr)
         for _ in range(steps):
             trainer.step(x)
     return q.loc.detach(), q.scale.detach()
-
-
-def _log_mean_exp(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return t.logsumexp(dim) - math.log(t.shape[dim])
 
 
 @torch.no_grad()
@@ -156,12 +132,12 @@ def inference_gaps(vae: VAE, x: torch.Tensor, num_samples: int = 2000,
         def proposal(x):
             vae.full_covariance_guide(x, mean, tril)
 
-    with fixed_noise(seed, x.device), frozen(vae):
+    with fixed_noise(seed, x.device), evaluating(vae, frozen=True):
         amortized = log_weights(vae, x, num_samples).log_weight  # (S, B)
         star = log_weights(vae, x, num_samples, guide=q_star).log_weight
         chunks = [log_weights(vae, x, min(1000, iwae_samples - i), guide=proposal).log_weight
                   for i in range(0, iwae_samples, 1000)]
-    log_px = _log_mean_exp(torch.cat(chunks))
+    log_px = log_mean_exp(torch.cat(chunks))
     elbo_amortized, elbo_star = amortized.mean(0), star.mean(0)
     return {
         "log_px": log_px, "elbo_amortized": elbo_amortized, "elbo_optimal": elbo_star,
@@ -170,9 +146,6 @@ def inference_gaps(vae: VAE, x: torch.Tensor, num_samples: int = 2000,
         "elbo_se": amortized.std(0) / math.sqrt(num_samples),
         "log_weights": amortized, "optimal_loc": loc, "optimal_scale": scale,
     }
-
-
-# -- Everything for a set of images ------------------------------------------------------
 
 
 @dataclass
@@ -184,6 +157,16 @@ class Diagnosis:
     per_image: list[dict] = field(default_factory=list)
     guide_draws: np.ndarray | None = None  # (image, draw, latent)
     nuts_draws: np.ndarray | None = None  # (image, chain, draw, latent)
+
+    def table(self) -> str:
+        """The per-image numbers as the table ``pyro-vae diagnose`` prints."""
+        lines = [f"{'image':>5} {'label':>5} {'R-hat':>6} {'ESS bulk':>8} {'div':>4} "
+                 f"{'k-hat':>6} {'log p(x)':>9} {'approx gap':>10} {'amort gap':>9}"]
+        lines += [f"{r['image']:>5} {r['label']:>5} {r['rhat_max']:6.3f} "
+                  f"{r['ess_bulk_min']:8.0f} {r['divergences']:>4} {r['k_hat']:6.2f} "
+                  f"{r['log_px']:9.2f} {r['approximation_gap']:10.2f} "
+                  f"{r['amortization_gap']:9.2f}" for r in self.per_image]
+        return "\n".join(lines)
 
 
 PILOT_ITERATIONS = 100  # NUTS iterations timed to estimate the cost of a diagnosis (40 ran

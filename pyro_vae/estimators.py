@@ -18,7 +18,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .model import VAE
+from .model import VAE, evaluating
 from .progress import Progress
 
 
@@ -35,6 +35,11 @@ def fixed_noise(seed: int | None, device: torch.device):
         yield
 
 
+def log_mean_exp(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log(mean(exp(t)))`` along ``dim``, computed stably."""
+    return t.logsumexp(dim) - math.log(t.shape[dim])
+
+
 @dataclass
 class LogWeights:
     """Per-sample terms of ``log p(x, z_k) - log q(z_k | x)``, each of shape ``(K, B)``."""
@@ -47,6 +52,25 @@ class LogWeights:
     def log_weight(self) -> torch.Tensor:
         return self.log_likelihood + self.log_prior - self.log_guide
 
+    @classmethod
+    def of(cls, model_trace, guide_trace, shape) -> LogWeights:
+        """The terms of a guide trace and the model replayed on it, broadcast to ``shape``.
+
+        Each sums the *unscaled* log densities of its sites (any number of latent sites:
+        two stochastic layers give ``log p(z1 | z2) + log p(z2)``): an image's weight
+        never depends on how the batch is scaled (``N / B``) or the KL weighted.
+        """
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+
+        def total(trace, observed: bool) -> torch.Tensor:
+            return sum(site["unscaled_log_prob"] for site in trace.nodes.values()
+                       if site["type"] == "sample" and not site_is_subsample(site)
+                       and site["is_observed"] == observed).expand(shape)
+
+        return cls(total(model_trace, True), total(model_trace, False),
+                   total(guide_trace, False))
+
 
 @torch.no_grad()
 def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> LogWeights:
@@ -54,25 +78,11 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> 
 
     ``guide`` defaults to the VAE's amortized guide; any guide ``guide(x)`` whose latent
     sites sit inside the ``"data"`` plate works (e.g. a per-image optimized Gaussian).
-    Any number of latent sites: ``log_prior`` and ``log_guide`` sum over them (two
-    stochastic layers: ``log p(z1 | z2) + log p(z2)``), ``log_likelihood`` over the
-    observed sites.
     """
     with pyro.plate("samples", num_samples, dim=-2):
         guide_trace = poutine.trace(guide or vae.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
-    shape = (num_samples, x.shape[0])
-
-    def total(trace, observed: bool) -> torch.Tensor:
-        return sum(site["log_prob"] for site in trace.nodes.values()
-                   if site["type"] == "sample" and not site_is_subsample(site)
-                   and site["is_observed"] == observed).expand(shape)
-
-    return LogWeights(log_likelihood=total(model_trace, True),
-                      log_prior=total(model_trace, False),
-                      log_guide=total(guide_trace, False))
+    return LogWeights.of(model_trace, guide_trace, (num_samples, x.shape[0]))
 
 
 @dataclass
@@ -96,11 +106,8 @@ def elbo_terms(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int | No
 
     With a ``seed`` the result repeats exactly (see :func:`fixed_noise`).
     """
-    was_training = vae.training
-    vae.eval()
-    with fixed_noise(seed, x.device):
+    with evaluating(vae), fixed_noise(seed, x.device):
         parts = [log_weights(vae, xb) for xb in x.split(batch_size)]
-    vae.train(was_training)
     log_lik = torch.cat([p.log_likelihood[0] for p in parts])
     kl = torch.cat([(p.log_guide - p.log_prior)[0] for p in parts])
     return ElboTerms(elbo=log_lik - kl, log_likelihood=log_lik, kl=kl)
@@ -127,14 +134,12 @@ def importance_log_likelihood(
     log space. Returns a tensor of shape ``(N,)`` on ``x.device``. ``progress``: as
     ``show`` of :class:`~pyro_vae.progress.Progress` (``False``: silent).
     """
-    was_training = vae.training
-    vae.eval()
     per_sample = batch_size * vae.x_dim * vae.likelihood.num_params
     chunk = max(1, min(num_samples, max_elements // per_sample))
     out = []
     batches = x.split(batch_size)
     bar = Progress(len(x), f"log p(x), K={num_samples}", unit="image", show=progress)
-    with fixed_noise(seed, x.device), bar:
+    with evaluating(vae), fixed_noise(seed, x.device), bar:
         for xb in batches:
             total = xb.new_full((xb.shape[0],), -math.inf)  # log sum_k w_k so far, (B,)
             for start in range(0, num_samples, chunk):
@@ -143,5 +148,4 @@ def importance_log_likelihood(
                 total = torch.logaddexp(total, log_w.logsumexp(0))
             out.append(total - math.log(num_samples))
             bar.update(len(xb))
-    vae.train(was_training)
     return torch.cat(out)

@@ -9,16 +9,14 @@ Amortized guide::
 
     z_n ~ Normal(loc(x_n), diag(scale(x_n))^2)     # reparameterized: loc + scale * eps
 
-Both run inside ``pyro.plate("data", B, dim=-1)``; an outer particle plate at dim -2
-(vectorized ELBO particles, importance samples) broadcasts through unchanged. With
-``num_data=N`` the log densities are scaled by ``N / B`` so a minibatch gives an unbiased
-estimate of the full-data ELBO.
+Both run inside the plate ``"data"`` at dim -1 (:func:`data_plate`); an outer particle
+plate at dim -2 (vectorized ELBO particles, importance samples) broadcasts through
+unchanged. With ``num_data=N`` it is ``pyro.plate("data", N, subsample=index)`` over the
+batch's indices into the data set, so Pyro scales the log densities by ``N / B`` and a
+minibatch gives an unbiased estimate of the full-data ELBO.
 
-This is the only module that calls ``pyro.sample``. The networks are ordinary
-``nn.Module`` s and are not registered in Pyro's global parameter store, so several VAEs
-can live side by side in one notebook; :class:`pyro_vae.objective.Objective` turns
-model and guide into Pyro's ELBO as an ``nn.Module`` loss, and
-:class:`pyro_vae.runner.trainer.Trainer` optimizes it.
+The only module that calls ``pyro.sample``. The networks are plain ``nn.Module`` s, not
+in Pyro's global parameter store, so several VAEs live side by side in one notebook.
 """
 
 from __future__ import annotations
@@ -39,21 +37,11 @@ from .networks import Encoder, Network, get_network
 class VAE(nn.Module):
     """Variational autoencoder with a swappable likelihood.
 
-    Parameters
-    ----------
-    likelihood:
-        A :class:`~pyro_vae.likelihoods.Likelihood` or the name of a registered one.
-    x_dim, z_dim:
-        Data and latent dimensions.
-    hidden_dims:
-        Hidden layer sizes of the encoder; the decoder mirrors them.
-    activation:
-        ``relu`` (the PyTorch example), ``softplus`` (Pyro's example), ``tanh`` or ``elu``.
-    likelihood_options:
-        Keyword options for the likelihood's builder, e.g. ``{"scale": 0.05}``.
-    network:
-        A :class:`~pyro_vae.networks.Network` or the name of a registered one (``mlp``,
-        ``conv``): what builds ``encoder`` and ``decoder``.
+    ``likelihood`` and ``network`` (what builds ``encoder`` and ``decoder``: ``mlp``,
+    ``conv``) are registered names or objects; ``hidden_dims`` are the encoder's hidden
+    sizes (the decoder mirrors them); ``activation`` is ``relu`` (the PyTorch example),
+    ``softplus`` (Pyro's), ``tanh`` or ``elu``; ``likelihood_options`` go to the
+    likelihood's builder, e.g. ``{"scale": 0.05}``.
     """
 
     stochastic_layers = 1
@@ -80,18 +68,17 @@ class VAE(nn.Module):
         self.encoder, self.decoder = network.build(x_dim, z_dim, tuple(hidden_dims), activation,
                                                    likelihood.num_params)
 
-    # -- Pyro model and guide ---------------------------------------------------------
-
     def model(self, x: torch.Tensor, num_data: int | None = None,
-              kl_weight: torch.Tensor | None = None) -> None:
+              kl_weight: torch.Tensor | None = None, index: torch.Tensor | None = None
+              ) -> None:
         """p(z) p(x | z) for a batch ``x`` of shape ``(B, x_dim)``.
 
-        ``kl_weight`` (a positive tensor) scales the latent site in model and guide, so
-        the ELBO's KL term is weighted (beta-VAE, KL warm-up).
+        ``num_data``, ``index``: see :func:`data_plate`. ``kl_weight`` (a positive tensor)
+        scales the latent site in model and guide, so the ELBO's KL term is weighted
+        (beta-VAE, KL warm-up).
         """
         batch = x.shape[0]
-        scale = 1.0 if num_data is None else num_data / batch
-        with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
+        with data_plate(x, num_data, index):
             # device tensors, not Python floats: nothing is copied from the host per step,
             # which CUDA-graph capture requires
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
@@ -100,24 +87,22 @@ class VAE(nn.Module):
             pyro.sample("x", self.observation(z).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None,
-              kl_weight: torch.Tensor | None = None) -> None:
+              kl_weight: torch.Tensor | None = None, index: torch.Tensor | None = None
+              ) -> None:
         """q(z | x) = N(loc(x), diag(scale(x))^2) for a batch ``x`` of shape ``(B, x_dim)``."""
         loc, z_scale = self.encoder(x)  # (B, z_dim) each
-        self.gaussian_guide(x, loc, z_scale, num_data, kl_weight)
+        self.gaussian_guide(x, loc, z_scale, num_data, kl_weight, index)
 
     @staticmethod
     def gaussian_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                       num_data: int | None = None, kl_weight: torch.Tensor | None = None
-                       ) -> None:
+                       num_data: int | None = None, kl_weight: torch.Tensor | None = None,
+                       index: torch.Tensor | None = None) -> None:
         """A diagonal Gaussian guide with given per-image ``loc`` and ``scale`` ``(B, z_dim)``.
 
         The amortized guide passes the encoder's outputs; diagnostics pass per-image
         parameters optimized on their own (the "optimal" Gaussian q* of Cremer et al.).
         """
-        batch = x.shape[0]
-        weight = 1.0 if num_data is None else num_data / batch
-        with poutine.scale(scale=weight), pyro.plate("data", batch, dim=-1), \
-                _weighted(kl_weight):
+        with data_plate(x, num_data, index), _weighted(kl_weight):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @staticmethod
@@ -131,8 +116,6 @@ class VAE(nn.Module):
     def observation(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z) of the lowest latent layer ``z``, batch shape ``(..., x_dim)``."""
         return self.likelihood.distribution(self.decoder(z), **self.likelihood_options)
-
-    # -- Deterministic helpers for evaluation and pictures ----------------------------
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z), batch shape ``(..., x_dim)`` for ``z`` of shape ``(..., z_dim)``."""
@@ -151,8 +134,40 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample_prior(self, num_samples: int) -> dist.Distribution:
         """p(x | z) for ``num_samples`` draws ``z ~ N(0, I)``."""
-        device = next(self.parameters()).device
-        return self.decode(torch.randn(num_samples, self.z_dim, device=device))
+        p = next(self.parameters())
+        return self.decode(p.new_empty(num_samples, self.z_dim).normal_())
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module, frozen: bool = False):
+    """``module`` in eval mode for the block (and with ``frozen``, its parameters without
+    gradients); both restored afterwards, however the block ends."""
+    was_training = module.training
+    flags = [p.requires_grad for p in module.parameters()]
+    module.eval()
+    if frozen:
+        module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def data_plate(x: torch.Tensor, num_data: int | None = None,
+               index: torch.Tensor | None = None) -> pyro.plate:
+    """The plate over the images of the batch ``x`` ``(B, ...)``, at dim -1.
+
+    With ``num_data = N`` it stands for all ``N`` images of the data set: ``index`` (the
+    batch's positions in it, as :class:`~pyro_vae.data.DeviceBatches` draws them) is its
+    subsample, and Pyro scales every site inside by ``N / B``. Without ``index`` Pyro draws
+    a random subsample of indices itself (an ``O(N)`` permutation per call).
+    """
+    if num_data is None:
+        return pyro.plate("data", x.shape[0], dim=-1)
+    return pyro.plate("data", num_data, subsample=index,
+                      subsample_size=None if index is not None else x.shape[0], dim=-1)
 
 
 def _weighted(kl_weight: torch.Tensor | None):
@@ -189,10 +204,10 @@ class TwoLayerVAE(VAE):
         self.decoder_top = Encoder(z_dim, tuple(reversed(top_hidden_dims)), z1_dim, activation)
 
     def model(self, x: torch.Tensor, num_data: int | None = None,
-              kl_weight: torch.Tensor | None = None) -> None:
+              kl_weight: torch.Tensor | None = None, index: torch.Tensor | None = None
+              ) -> None:
         batch = x.shape[0]
-        scale = 1.0 if num_data is None else num_data / batch
-        with poutine.scale(scale=scale), pyro.plate("data", batch, dim=-1):
+        with data_plate(x, num_data, index):
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
             with _weighted(kl_weight):
                 z2 = pyro.sample("z2", prior.to_event(1))
@@ -201,11 +216,9 @@ class TwoLayerVAE(VAE):
             pyro.sample("x", self.observation(z1).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None,
-              kl_weight: torch.Tensor | None = None) -> None:
-        batch = x.shape[0]
-        weight = 1.0 if num_data is None else num_data / batch
-        with poutine.scale(scale=weight), pyro.plate("data", batch, dim=-1), \
-                _weighted(kl_weight):
+              kl_weight: torch.Tensor | None = None, index: torch.Tensor | None = None
+              ) -> None:
+        with data_plate(x, num_data, index), _weighted(kl_weight):
             loc1, scale1 = self.encoder(x)
             z1 = pyro.sample("z1", dist.Normal(loc1, scale1).to_event(1))
             loc2, scale2 = self.encoder_top(z1)

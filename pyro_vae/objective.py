@@ -11,13 +11,11 @@ The ELBOs are Pyro's ``Trace_ELBO`` and ``TraceMeanField_ELBO`` with one change:
 ``differentiable_loss`` never synchronises with the host. Pyro's versions read every site's
 log-density sum and the loss back to Python (``torch_item``) and test the loss for NaN on
 the host (``warn_if_nan``); here the loss stays a device tensor with the same value and
-gradient. With Pyro's validation switched off (:mod:`pyro_vae.runner.trainer` does that
+gradient. With Pyro's validation switched off (:mod:`pyro_vae.runner.step` does that
 after validating a batch shape once) a training step then makes no host sync at all.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from pyro import poutine
@@ -33,6 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .config import TrainConfig
+from .estimators import LogWeights, log_mean_exp
 
 __all__ = ["IWAE_ELBO", "Objective", "SyncFreeTraceMeanField_ELBO", "SyncFreeTrace_ELBO",
            "kl_weight", "learning_rate", "make_elbo"]
@@ -118,13 +117,9 @@ class SyncFreeTraceMeanField_ELBO(_SyncFree, TraceMeanField_ELBO):
         return -elbo
 
 
-def _unscaled(trace, name: str) -> torch.Tensor:
-    return trace.nodes[name]["unscaled_log_prob"]
-
-
-def _sample_sites(trace) -> list[str]:
-    return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site_is_subsample(site)]
+def _latent_sites(trace) -> list[str]:
+    return [name for name, site in trace.nodes.items() if site["type"] == "sample"
+            and not site_is_subsample(site) and not site["is_observed"]]
 
 
 class IWAE_ELBO(Trace_ELBO):
@@ -136,9 +131,11 @@ class IWAE_ELBO(Trace_ELBO):
     computed over Pyro traces of model and guide with ``K = num_particles`` vectorized
     particles: each image's log weight is the sum of its sites' log densities (any number
     of latent sites), the log-mean-exp is taken over the particles *of each image*, and
-    the bounds are summed over the batch (scaled by ``N / B`` like the ELBO). Pyro's
-    ``RenyiELBO(alpha=0)`` instead combines the weights after summing over the batch,
-    which is not this bound for per-image latents. ``K = 1`` is the ELBO.
+    the bounds are summed over the batch (scaled by ``N / B`` like the ELBO). ``K = 1`` is
+    the ELBO. Pyro's ``RenyiELBO(alpha=0)`` is the same bound (it sums log weights over
+    dependent plates only, so each image keeps its own), but it has no
+    ``differentiable_loss``, reads its value back with ``.item()``, takes the log-mean-exp
+    of *scaled* log densities when the data plate is subsampled, and has no DReG.
 
     ``dreg=True``: the doubly reparameterized gradient of Tucker et al. (2019). The
     decoder gets the usual IWAE gradient ``sum_k w_k grad log w_k``; the encoder gets
@@ -156,27 +153,27 @@ class IWAE_ELBO(Trace_ELBO):
         self.dreg = dreg
 
     def log_weights(self, model, guide, *args, **kwargs):
-        """``(log_w (K, B), model_trace, guide_trace)`` for one vectorized draw."""
+        """``(LogWeights (K, B), model_trace, guide_trace)`` for one vectorized draw."""
         model_trace, guide_trace = self._get_vectorized_trace(model, guide, args, kwargs)
-        log_w = sum(_unscaled(model_trace, n) for n in _sample_sites(model_trace))
-        log_w = log_w - sum(_unscaled(guide_trace, n) for n in _sample_sites(guide_trace))
-        if self.num_particles == 1:  # Pyro adds no particle dimension for one particle
-            log_w = log_w.unsqueeze(0)
-        return log_w, model_trace, guide_trace
+        x_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"
+                   and s["is_observed"] and not site_is_subsample(s)]
+        shape = (self.num_particles, *x_sites[0]["fn"].batch_shape[-1:])
+        return LogWeights.of(model_trace, guide_trace, shape), model_trace, guide_trace
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        log_w, model_trace, guide_trace = self.log_weights(model, guide, *args, **kwargs)
-        # N / B of the data plate (poutine.scale), the same at every site of the VAE
-        scale = next(model_trace.nodes[n]["scale"] for n in _sample_sites(model_trace))
-        k = log_w.shape[0]
-        bound = (log_w.logsumexp(0) - math.log(k)).sum()
+        terms, model_trace, guide_trace = self.log_weights(model, guide, *args, **kwargs)
+        log_w = terms.log_weight  # (K, B)
+        # N / B of the data plate, read off an observed site: latent sites may also carry
+        # a KL weight, which the IWAE bound does not have
+        scale = next(site["scale"] for site in model_trace.nodes.values()
+                     if site["type"] == "sample" and site["is_observed"])
+        bound = log_mean_exp(log_w).sum()
         if not self.dreg:
             return -scale * bound
         weights = torch.softmax(log_w.detach(), 0)  # normalized importance weights (K, B)
         log_q_stopped = sum(_detached(guide_trace.nodes[n]["fn"]).log_prob(
-            guide_trace.nodes[n]["value"]) for n in _sample_sites(guide_trace))
-        log_q = sum(_unscaled(guide_trace, n) for n in _sample_sites(guide_trace))
-        log_p = log_w + log_q.reshape(log_w.shape)
+            guide_trace.nodes[n]["value"]) for n in _latent_sites(guide_trace))
+        log_p = log_w + terms.log_guide
         log_q_stopped = log_q_stopped.reshape(log_w.shape)
         log_p_stopped_z = self._log_joint_at_stopped_z(model, guide_trace, args, kwargs)
         log_p_stopped_z = log_p_stopped_z.reshape(log_w.shape)
@@ -187,13 +184,14 @@ class IWAE_ELBO(Trace_ELBO):
     def _log_joint_at_stopped_z(self, model, guide_trace, args, kwargs) -> torch.Tensor:
         """``log p(x, stop(z_k))`` ``(K, B)``: the model replayed on detached latents."""
         stopped = guide_trace.copy()
-        for name in _sample_sites(guide_trace):
+        for name in _latent_sites(guide_trace):
             stopped.nodes[name] = dict(guide_trace.nodes[name],
                                        value=guide_trace.nodes[name]["value"].detach())
         trace = poutine.trace(poutine.replay(self._vectorized_num_particles(model),
                                              trace=stopped)).get_trace(*args, **kwargs)
         trace.compute_log_prob()
-        return sum(_unscaled(trace, n) for n in _sample_sites(trace))
+        return sum(site["unscaled_log_prob"] for site in trace.nodes.values()
+                   if site["type"] == "sample" and not site_is_subsample(site))
 
 
 def _detached(fn):
@@ -248,12 +246,13 @@ def kl_weight(config: TrainConfig, epoch: int) -> float:
 
 
 class Objective(ELBOModule):
-    """``forward(x)``: the negative ELBO of a VAE's model and guide on the batch ``x``.
+    """``forward(x, index)``: the negative ELBO of a VAE's model and guide on the batch ``x``.
 
-    With ``num_data = N`` the batch's log densities are scaled by ``N / B``: an unbiased
-    estimate of the loss of the whole data set, as ``pyro.infer.SVI`` on a subsampled
-    plate gives. ``guide`` defaults to the VAE's amortized guide; pass another (with its
-    parameters in ``extra``) to fit, e.g., a per-image Gaussian against the frozen decoder.
+    With ``num_data = N`` the batch is a subsample of ``N`` images (at positions
+    ``index``): its log densities are scaled by ``N / B``, an unbiased estimate of the loss
+    of the whole data set, as ``pyro.infer.SVI`` on a subsampled plate gives. ``guide``
+    defaults to the VAE's amortized guide; pass another (with its parameters in
+    ``extra``) to fit, e.g., a per-image Gaussian against the frozen decoder.
     """
 
     def __init__(self, vae: nn.Module, elbo, num_data: int | None = None, guide=None,
@@ -271,8 +270,12 @@ class Objective(ELBOModule):
             raise ValueError("this objective was built without weighted_kl=True")
         self.kl_weight.fill_(weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kwargs = {} if self.num_data is None else {"num_data": self.num_data}
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss on the batch ``x``; ``index``: its positions in the data set (the
+        subsample of the ``"data"`` plate, :func:`~pyro_vae.model.data_plate`)."""
+        kwargs = {}
+        if self.num_data is not None:
+            kwargs.update(num_data=self.num_data, index=index)
         if self.weighted_kl:
             kwargs["kl_weight"] = self.kl_weight
         return self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)

@@ -9,7 +9,7 @@ epoch at a time in turn (interleaved), so load on the machine affects all alike:
 - Pyro's examples/vae style: ``pyro.infer.SVI.step`` with the param store;
 - Pyro's ``Trace_ELBO.differentiable_loss`` + Adam (pyro-vae's step before the Trainer)
   and ``JitTrace_ELBO`` (the old ``--jit``);
-- pyro-vae's :class:`~pyro_vae.runner.trainer.Trainer` -- ``fit_epoch``, the loop that
+- pyro-vae's :class:`~pyro_vae.runner.step.Trainer` -- ``fit_epoch``, the loop that
   ``pyro-vae train`` runs -- eager and with the fast step (traced graph on the CPU, CUDA
   graph on CUDA), for ``Trace_ELBO`` and ``TraceMeanField_ELBO``;
 - NumPyro's examples/vae (a jitted ``svi.update`` per step, and the whole epoch in one
@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from pyro_vae import VAE, Objective, RunConfig, Trainer, make_elbo
 from pyro_vae.data import DeviceBatches, load_mnist_sample, read_idx_split
 from pyro_vae.runner.state import EpochProgress
+from pyro_vae.runner.train import fit_epoch
 from scripts import numpyro_vae
 from scripts._docs import machine_description, update_section
 from scripts.reference import ReferenceVAE
@@ -148,15 +149,14 @@ def plain_cuda_graph(x, b, device):
 def pyro_svi(x, b, device):
     """Pyro's examples/vae style: the networks in the param store, ``SVI.step``."""
     vae = VAE().to(device)
-    num_data = len(x)
 
     def model(xb):
         pyro.module("decoder", vae.decoder)
-        vae.model(xb, num_data)
+        vae.model(xb)
 
     def guide(xb):
         pyro.module("encoder", vae.encoder)
-        vae.guide(xb, num_data)
+        vae.guide(xb)
 
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     batches = DeviceBatches(x, b, dynamic=True)
@@ -172,18 +172,17 @@ def pyro_loss(x, b, device, jit=False):
     """Pyro's ELBO ``differentiable_loss`` + torch Adam: pyro-vae's step before the Trainer."""
     vae = VAE().to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    num_data = len(x)
     batches = DeviceBatches(x, b, dynamic=True)
     if jit:
         elbo = JitTrace_ELBO(ignore_jit_warnings=True)
 
         def model(xb, batch_size):
             pyro.module("jit_decoder", vae.decoder)
-            vae.model(xb, num_data)
+            vae.model(xb)
 
         def guide(xb, batch_size):
             pyro.module("jit_encoder", vae.encoder)
-            vae.guide(xb, num_data)
+            vae.guide(xb)
 
         def loss_fn(xb):
             return elbo.differentiable_loss(model, guide, xb, batch_size=xb.shape[0])
@@ -191,7 +190,7 @@ def pyro_loss(x, b, device, jit=False):
         elbo = Trace_ELBO()
 
         def loss_fn(xb):
-            return elbo.differentiable_loss(vae.model, vae.guide, xb, num_data)
+            return elbo.differentiable_loss(vae.model, vae.guide, xb)
 
     name = "JitTrace_ELBO" if jit else "Trace_ELBO"
     return Contender(f"Pyro {name}.differentiable_loss + Adam", b,
@@ -207,7 +206,7 @@ def pyro_vae_trainer(x, b, device, fast=True, elbo="trace"):
     batches = DeviceBatches(x, b, dynamic=True)
 
     def epoch(n):
-        done = trainer.fit_epoch(batches, EpochProgress(batches.permutation(n)))
+        done = fit_epoch(trainer, batches, EpochProgress(batches.permutation(n)))
         done.loss_sum.item()  # the one read per epoch that training makes
 
     name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}[elbo]

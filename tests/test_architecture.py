@@ -19,10 +19,10 @@ LAYERS = [
     {"objective", "estimators", "latents"},
     {"tracking"},
     {"runner", "runner.resolve", "runner.state", "runner.signals", "runner.distributed"},
-    {"runner.trainer"},
+    {"runner.step"},
     {"runner.rundir"},
     {"runner.train"},
-    {"evaluate", "plots", "diagnostics"},
+    {"plots", "diagnostics"},
     {"commands"},
     {"cli", "__main__", "__init__"},
 ]
@@ -78,7 +78,7 @@ def test_exactly_one_backward_call_in_the_package():
     calls = [(p.name, i) for p in MODULES
              for i, line in enumerate(p.read_text().splitlines(), 1)
              if re.search(r"\.backward\(", line)]
-    assert len(calls) == 1 and calls[0][0] == "trainer.py", calls
+    assert len(calls) == 1 and calls[0][0] == "step.py", calls
 
 
 @pytest.mark.parametrize("path", [p for p in MODULES if p.name != "cli.py"], ids=module_name)

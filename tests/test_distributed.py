@@ -11,7 +11,10 @@ import torch
 
 from pyro_vae import RunConfig, train
 
+from .helpers.ddp_step import BATCH, SEED, setup
+
 HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
+STEP_HELPER = Path(__file__).parent / "helpers" / "ddp_step.py"
 
 
 def torchrun(nproc, *args, cwd):
@@ -50,18 +53,36 @@ def test_only_rank_0_writes_the_run_folder(two_rank_run):
     assert sorted(os.listdir(two_rank_run)) == ["run", "weights"]
 
 
-def test_loss_trajectory_matches_one_process_at_the_same_global_batch(two_rank_run):
+def test_one_ddp_step_averages_the_ranks_gradients_exactly(tmp_path):
+    # both ranks draw the same noise for their half of the batch, so the gradient DDP
+    # leaves on every rank must be the mean of the two halves' gradients computed here in
+    # one process; a sum (twice that) or a rank left out fails by far more than rounding
+    torchrun(2, STEP_HELPER, tmp_path, cwd=tmp_path)
+    vae, objective, x, index = setup()
+    expected = {n: torch.zeros_like(p) for n, p in vae.named_parameters()}
+    for rank in range(2):
+        half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+        torch.manual_seed(SEED)
+        loss = objective(x[half], index[half])
+        for (name, _), g in zip(vae.named_parameters(),
+                                torch.autograd.grad(loss, list(vae.parameters()))):
+            expected[name] += g / 2
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["grads"]
+        for name, g in expected.items():
+            torch.testing.assert_close(saved[name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_training_under_ddp_learns_like_one_process(two_rank_run):
     config = RunConfig()
     config.data.dataset, config.data.train_limit, config.data.test_limit = "mnist-sample", 1024, 200
     config.model.hidden_dims, config.model.z_dim = (64,), 4
     config.train.epochs, config.train.batch_size, config.train.device = 2, 64, "cpu"
     single = train(config, progress=False).metrics
     ddp = metrics(two_rank_run / "run")
-    # Same initial weights (DDP broadcasts rank 0's, seeded as the single process), same
-    # global batches; only the reparameterization and binarization noise differs. Over
-    # seeds the single-process train ELBO varies by about 2 nats after 2 epochs here.
+    # different noise per rank, so only a loose agreement; the exact check of DDP's
+    # gradient averaging is the one-step test above
     for a, b in zip(single, ddp):
-        assert abs(a["train_elbo"] - b["train_elbo"]) < 6.0
         assert abs(a["test_elbo"] - b["test_elbo"]) < 6.0
     assert ddp[1]["train_elbo"] > ddp[0]["train_elbo"]  # it learns
 

@@ -19,15 +19,22 @@ from pyro_vae import (
 )
 from pyro_vae.data import DeviceBatches
 from pyro_vae.runner.state import EpochProgress
-from pyro_vae.runner.trainer import Diverged
+from pyro_vae.runner.step import Diverged
+from pyro_vae.runner.train import fit_epoch
 
-from .helpers import built_in_likelihoods, comparable, tiny_config, values_in_support
+from .helpers import (
+    built_in_likelihoods,
+    built_in_networks,
+    comparable,
+    tiny_config,
+    values_in_support,
+)
 
 PAIRS = [(Trace_ELBO, SyncFreeTrace_ELBO), (TraceMeanField_ELBO, SyncFreeTraceMeanField_ELBO)]
 
 
-def small_vae(likelihood="bernoulli"):
-    return VAE(likelihood, x_dim=16, z_dim=3, hidden_dims=(8,))
+def small_vae(likelihood="bernoulli", network="mlp"):
+    return VAE(likelihood, x_dim=16, z_dim=3, hidden_dims=(8,), network=network)
 
 
 def loss_and_grads(vae, elbo, x, seed, num_data=None):
@@ -76,26 +83,31 @@ def test_sync_free_elbo_keeps_the_score_function_surrogate():
         assert g != 0
 
 
-def trainer_pair(name="bernoulli"):
+def trainer_pair(name="bernoulli", network="mlp", nan_policy="stop"):
     """Two identical VAEs with a fast and an eager trainer each."""
     torch.manual_seed(0)
-    a = small_vae(name)
-    b = small_vae(name)
+    a, b = small_vae(name, network), small_vae(name, network)
     b.load_state_dict(a.state_dict())
-    make = lambda vae, fast: Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1),  # noqa: E731
-                                               num_data=64), 1e-2, fast=fast)
+
+    def make(vae, fast):
+        objective = Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64)
+        return Trainer(objective, 1e-2, fast=fast, nan_policy=nan_policy)
+
     return (a, make(a, True)), (b, make(b, False))
 
 
-def test_traced_steps_equal_eager_steps_bit_for_bit():
-    (fast_vae, fast), (eager_vae, eager) = trainer_pair()
+@pytest.mark.parametrize("network", built_in_networks())
+@pytest.mark.parametrize("name", built_in_likelihoods())
+def test_traced_steps_equal_eager_steps_bit_for_bit(name, network):
+    (fast_vae, fast), (eager_vae, eager) = trainer_pair(name, network)
     assert fast.mode == "traced" and eager.mode == "eager"
-    x = torch.bernoulli(torch.full((8, 16), 0.4))
+    x = values_in_support(name, (8, 16), torch.Generator().manual_seed(1))
+    index = torch.arange(8) * 3  # the batch's positions in the 64 images
     for step in range(5):
         torch.manual_seed(step)
-        loss_fast, finite = fast.step(x)
+        loss_fast, finite = fast.step(x, index)
         torch.manual_seed(step)
-        loss_eager, _ = eager.step(x)
+        loss_eager, _ = eager.step(x, index)
         assert torch.equal(loss_fast, loss_eager) and bool(finite)
     for p, q in zip(fast_vae.parameters(), eager_vae.parameters()):
         assert torch.equal(p, q)
@@ -154,13 +166,17 @@ def test_every_new_batch_shape_is_validated_before_its_first_step():
     assert all(torch.equal(b, p) for b, p in zip(before, vae.parameters()))  # no update
 
 
-def test_an_epoch_with_a_last_smaller_batch_trains_on_every_image():
-    (vae, trainer), _ = trainer_pair()
-    x = torch.bernoulli(torch.full((70, 16), 0.4))
+@pytest.mark.parametrize("network", built_in_networks())
+@pytest.mark.parametrize("name", built_in_likelihoods())
+def test_an_epoch_with_a_last_smaller_batch_trains_on_every_image(name, network):
+    (vae, trainer), _ = trainer_pair(name, network)
+    x = values_in_support(name, (70, 16), torch.Generator().manual_seed(2))
     batches = DeviceBatches(x, 32)
-    done = trainer.fit_epoch(batches, EpochProgress(batches.permutation(1)))
+    before = [p.detach().clone() for p in vae.parameters()]
+    done = fit_epoch(trainer, batches, EpochProgress(batches.permutation(1)))
     assert done.step == 3 == len(batches)  # 32 + 32 + 6, none dropped
-    assert torch.isfinite(done.loss_sum) and done.loss_sum > 0
+    assert torch.isfinite(done.loss_sum) and done.skipped_steps == 0
+    assert all(not torch.equal(b, p) for b, p in zip(before, vae.parameters()))
 
 
 def test_a_non_finite_step_in_a_replayed_graph_is_caught_at_the_end_of_the_epoch():
@@ -171,8 +187,64 @@ def test_a_non_finite_step_in_a_replayed_graph_is_caught_at_the_end_of_the_epoch
     with torch.no_grad():
         vae.decoder.head.bias[0] = float("nan")
     with pytest.raises(Diverged) as info:
-        trainer.fit_epoch(batches, EpochProgress(batches.permutation(1)))
+        fit_epoch(trainer, batches, EpochProgress(batches.permutation(1)))
     assert info.value.step == 0
+
+
+def test_non_finite_parameters_met_by_validation_are_divergence_not_a_model_error():
+    (vae, trainer), _ = trainer_pair()
+    with torch.no_grad():
+        vae.decoder.head.bias[0] = float("nan")
+    with pytest.raises(Diverged):  # a new batch shape is validated first: NaN logits
+        trainer.step(torch.bernoulli(torch.full((5, 16), 0.4)))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["traced", "eager"])
+def test_skip_policy_keeps_parameters_and_adam_state_of_a_non_finite_step(fast):
+    (vae, trainer), _ = trainer_pair(nan_policy="skip")
+    if not fast:
+        trainer = Trainer(trainer.objective, 1e-2, fast=False, nan_policy="skip")
+    assert trainer.mode == ("traced" if fast else "eager")  # skipping keeps the fast path
+    x = torch.bernoulli(torch.full((8, 16), 0.4))
+    trainer.step(x)
+    params = [p.detach().clone() for p in vae.parameters()]
+    state = [t.clone() for s in trainer.optimizer.state.values() for t in s.values()]
+    bad = x.clone()
+    bad[0, 0] = float("nan")  # a NaN pixel: the loss and every gradient are NaN
+    loss, finite = trainer.step(bad)
+    assert not bool(finite) and not torch.isfinite(loss)
+    assert all(torch.equal(a, p) for a, p in zip(params, vae.parameters()))
+    after = [t for s in trainer.optimizer.state.values() for t in s.values()]
+    assert all(torch.equal(a, b) for a, b in zip(state, after))  # step count included
+    loss, finite = trainer.step(x)
+    assert bool(finite) and any(not torch.equal(a, p) for a, p in zip(params, vae.parameters()))
+
+
+def test_skipping_from_the_first_step_leaves_adam_as_new():
+    (vae, trainer), (ref_vae, ref) = trainer_pair(nan_policy="skip")
+    x = torch.bernoulli(torch.full((8, 16), 0.4))
+    trainer.validate(x)  # the shape is checked on good data; the bad batch then replays
+    _, finite = trainer.step(torch.full((8, 16), float("nan")))
+    assert not bool(finite)
+    torch.manual_seed(1)
+    trainer.step(x)
+    torch.manual_seed(1)
+    ref.step(x)  # an eager trainer that never met the bad batch
+    for p, q in zip(vae.parameters(), ref_vae.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def test_a_new_learning_rate_needs_no_retracing():
+    (vae, trainer), _ = trainer_pair()
+    x = torch.bernoulli(torch.full((8, 16), 0.4))
+    trainer.step(x)
+    graphs = dict(trainer._replays)
+    trainer.set_lr(0.0)  # no update at all with a zero rate
+    before = [p.detach().clone() for p in vae.parameters()]
+    trainer.step(x)
+    assert trainer._replays == graphs
+    assert all(torch.equal(b, p) for b, p in zip(before, vae.parameters()))
+    assert trainer.optimizer.param_groups[0]["lr"] is trainer.lr
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -196,7 +268,7 @@ def test_an_epoch_on_cuda_makes_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for index in batches.indices(progress.perm):
-            trainer.step(batches.gather(index))
+            trainer.step(batches.gather(index), index)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -205,8 +277,11 @@ def test_an_epoch_on_cuda_makes_no_host_sync():
 def test_cuda_graph_training_matches_eager_training_and_resumes_exactly(tmp_path):
     graph = train(tiny_config(epochs=2, device="cuda"), tmp_path / "g", progress=False)
     eager = train(tiny_config(epochs=2, device="cuda", fast_step=False), progress=False)
-    for a, b in zip(graph.metrics, eager.metrics):  # same noise, same arithmetic order
-        assert a["test_elbo"] == pytest.approx(b["test_elbo"], abs=0.5)
+    # the graph replays the eager step's kernels on the same Philox noise: equal up to the
+    # order of cuBLAS's reductions, which may differ between captured and eager calls
+    for a, b in zip(graph.metrics, eager.metrics):
+        for key in ("train_elbo", "test_elbo", "test_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
     train(tiny_config(epochs=1, device="cuda"), tmp_path / "r", progress=False)
     resumed = train(resume=tmp_path / "r", epochs=2, progress=False)
     assert comparable(resumed.metrics) == comparable(graph.metrics)

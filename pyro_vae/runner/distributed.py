@@ -18,7 +18,7 @@ and training runs in one process.
 
 from __future__ import annotations
 
-import logging
+import gc
 import os
 from dataclasses import dataclass
 
@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import ConfigError
+from ..errors import ConfigError, get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass
@@ -78,8 +78,19 @@ class Context:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Tear the process group down, after everything that holds on to it.
+
+        DDP's reducer keeps the group (and Gloo's worker threads) alive; a wrapper that
+        is only garbage in a reference cycle would otherwise be destroyed at interpreter
+        exit, after the group, and abort the process ("terminate called without an
+        active exception") although training succeeded. ``wait=False`` (after a failure,
+        when another rank may be gone) skips the barrier.
+        """
         if self.distributed and dist.is_initialized():
+            gc.collect()  # the DDP wrappers of this run, while the group is alive
+            if wait:
+                dist.barrier()  # no rank leaves while another still talks to it
             dist.destroy_process_group()
 
 

@@ -2,7 +2,7 @@
 
 The steps, in order: check every setting, load and resolve the data, claim the run folder
 (only now is anything written or replaced), build the VAE, its
-:class:`~pyro_vae.objective.Objective` and :class:`~pyro_vae.runner.trainer.Trainer`, then
+:class:`~pyro_vae.objective.Objective` and :class:`~pyro_vae.runner.step.Trainer`, then
 per epoch: train, evaluate the test ELBO, append a metrics line, write the checkpoint.
 SIGINT (Ctrl-C) and SIGTERM stop training between two steps and save a mid-epoch
 checkpoint that resumes exactly.
@@ -11,7 +11,9 @@ checkpoint that resumes exactly.
 from __future__ import annotations
 
 import contextlib
-import logging
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyro
@@ -20,8 +22,8 @@ import torch
 from .. import seeds
 from ..config import RunConfig
 from ..data import DeviceBatches
-from ..errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
-from ..estimators import importance_log_likelihood
+from ..errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged, get_logger
+from ..estimators import elbo_terms, importance_log_likelihood
 from ..objective import Objective, kl_weight, learning_rate, make_elbo
 from ..progress import Progress
 from ..registry import MAIN
@@ -39,9 +41,9 @@ from .state import (
     restore_rng,
     save_state,
 )
-from .trainer import Diverged, Trainer
+from .step import Diverged, Trainer
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def train(
@@ -53,38 +55,24 @@ def train(
     force: bool = False,
     progress: bool | None = None,
 ) -> Run:
-    """Train a VAE; return the :class:`~pyro_vae.runner.rundir.Run`.
-
-    Parameters
-    ----------
-    config:
-        Settings for a new run (default: :class:`RunConfig` defaults). Ignored on resume,
-        where the run folder's ``config.json`` is used.
-    out:
-        Run folder to write; ``None`` trains in memory only.
-    resume:
-        A run folder to continue from its last checkpoint, up to ``epochs`` in total.
-    epochs:
-        Total epochs (overrides ``config.train.epochs``).
-    force:
-        Replace the run held by ``out`` instead of refusing.
-    progress:
-        ``False``: no progress bar (default: a bar when stderr is a terminal).
-    """
+    """Train a VAE with ``config`` into the run folder ``out`` (``None``: in memory), or
+    continue the run folder ``resume`` with its own ``config.json``, up to ``epochs`` in
+    all; return the :class:`~pyro_vae.runner.rundir.Run`. ``force`` replaces a run that
+    ``out`` holds; ``progress=False`` shows no bar (default: a bar on a terminal)."""
     state = None
     if resume is not None:
         run_dir = RunDir(resume)
         config = run_dir.read_config()
         if not run_dir.checkpoint.exists():
             raise CheckpointError(f"{run_dir.path} has not finished an epoch, so there is "
-                                  "nothing to resume; start it again with force=True")
+                                  "nothing to resume; start it again with {force}")
         state = load_state(run_dir.checkpoint)
         check_matches(config, state, str(run_dir.path))
         _check_fits(config, state, run_dir)
         saved = state.run_config().train
         if state.partial is not None and saved.batch_size != config.train.batch_size:
             raise ConfigError(f"the checkpoint in {run_dir.path} stopped inside an epoch with "
-                              f"TrainConfig.batch_size {saved.batch_size}; resume with that "
+                              f"{{train.batch_size}} {saved.batch_size}; resume with that "
                               "batch size")
     else:
         config = RunConfig.from_dict(config.to_dict()) if config is not None else RunConfig()
@@ -100,20 +88,23 @@ def train(
                         "process can use this run (evaluate, plot, resume); define it in a "
                         "module instead", kind, name, MAIN)
     if state is not None and config.train.epochs < state.epoch:
-        raise ConfigError(f"TrainConfig.epochs is {config.train.epochs}, but the run in "
+        raise ConfigError(f"{{train.epochs}} is {config.train.epochs}, but the run in "
                           f"{run_dir.path} has finished {state.epoch} epochs already; "
                           "ask for at least that many")
     if config.train.tensorboard:
         if run_dir is None:
-            raise ConfigError("TrainConfig.tensorboard writes into the run folder; give an "
-                              "out folder, or leave TrainConfig.tensorboard off")
+            raise ConfigError("{train.tensorboard} writes into the run folder; give an "
+                              "{out}, or leave {train.tensorboard} off")
         check_available()
     device = resolve_device(config.train.device)
     ctx = init_from_env(device)
     try:
-        return _train(config, ctx, ctx.device(device), run_dir, state, force, progress)
-    finally:
-        ctx.close()
+        run = _train(config, ctx, ctx.device(device), run_dir, state, force, progress)
+    except BaseException:
+        ctx.close(wait=False)  # another rank may be gone: do not wait for it
+        raise
+    ctx.close()
+    return run
 
 
 def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
@@ -195,8 +186,8 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             bar = Progress(len(batches), f"epoch {epoch}/{config.train.epochs}", show=show,
                            initial=begun.step)
             try:
-                done = trainer.fit_epoch(
-                    batches, begun, bar=bar,
+                done = fit_epoch(
+                    trainer, batches, begun, bar=bar,
                     should_stop=(lambda: False) if ctx.distributed else (lambda: stop.requested))
             except Diverged as e:
                 failed = True
@@ -217,14 +208,14 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             if done.skipped_steps:
                 log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or "
                             "gradient", epoch, done.skipped_steps, len(batches))
-            record = _record(epoch, done, trainer, vae, test_x, batches, ctx, config,
+            record = _record(epoch, done, vae, test_x, batches, ctx, config,
                              len(splits.test_x))
             history.append(record)
             if writer is not None:
                 writer.append_metrics(record)
                 checkpoint(epoch)
             if board is not None:
-                board.epoch(record, trainer.optimizer.param_groups[0]["lr"])
+                board.epoch(record, learning_rate(config.train, epoch))
                 board.pictures(vae, splits.test_x, epoch, seed=config.train.seed)
             log.info("epoch %d: %s, test ELBO %.2f nats/image (%.1f s)", epoch,
                      train_summary(record), record["test_elbo"], record["seconds"])
@@ -233,6 +224,47 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
                 break
     vae.eval()
     return run
+
+
+def fit_epoch(trainer: Trainer, batches: DeviceBatches, progress: EpochProgress, *,
+              should_stop: Callable[[], bool] = lambda: False,
+              bar: Progress | None = None) -> EpochProgress:
+    """Train on the epoch's batches from ``progress.step`` on; return the new progress.
+
+    Stops early (between two steps) when ``should_stop()`` turns true. Raises
+    :class:`Diverged` at the end if a step met a non-finite value and the trainer does
+    not skip such steps. Reads the device once, at the end: the first non-finite step and
+    the count of skipped ones (the epoch's sums stay on the device for the caller).
+    """
+    device = batches.x.device
+    loss_sum = progress.loss_sum if progress.loss_sum is not None else \
+        torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    skipped = torch.zeros((), dtype=torch.long, device=device)
+    step = progress.step
+    trainer.objective.train()
+    start = time.perf_counter()
+    for index in batches.indices(progress.perm, step):
+        xb = batches.gather(index)
+        try:
+            loss, ok = trainer.step(xb, index)
+        except Diverged:  # found by validation of a new batch shape
+            bad = int(first_bad)
+            raise Diverged(bad if bad >= 0 else step) from None
+        first_bad = torch.where((first_bad < 0) & ~ok, step, first_bad)
+        skipped = skipped + (~ok).long()
+        # the loss is scaled to N images: B / N of it is the batch's sum of -ELBO
+        loss_sum = loss_sum + torch.where(ok, loss, 0.0) * (xb.shape[0] / len(batches.x))
+        step += 1
+        if bar is not None:
+            bar.update()
+        if should_stop():
+            break
+    bad, count = torch.stack([first_bad, skipped]).tolist()  # the epoch's one read
+    seconds = progress.seconds + time.perf_counter() - start
+    if bad >= 0 and not trainer.skip_nonfinite:
+        raise Diverged(bad)
+    return EpochProgress(progress.perm, step, loss_sum, seconds, progress.skipped_steps + count)
 
 
 _LOAD_ERRORS = (RuntimeError, KeyError, ValueError, TypeError, IndexError)
@@ -262,19 +294,19 @@ def _restore(state: TrainingState, vae, trainer: Trainer, run_dir: RunDir, lr: f
         restore_rng(state.rng)
     except _LOAD_ERRORS as e:
         raise _does_not_fit(run_dir, e) from None
-    for group in trainer.optimizer.param_groups:  # config.json's rate, not the checkpoint's
-        if group["lr"] != lr:
-            log.info("learning rate %g (config.json) replaces %g (checkpoint)", lr, group["lr"])
-            group["lr"] = lr
+    saved = float(trainer.lr)  # a float32 tensor: equal to 7 digits
+    if not math.isclose(saved, lr, rel_tol=1e-6):  # config.json's rate, not the checkpoint's
+        log.info("learning rate %g (config.json) replaces %g (checkpoint)", lr, saved)
+        trainer.set_lr(lr)
 
 
-def _record(epoch, done: EpochProgress, trainer: Trainer, vae, test_x, batches, ctx, config,
+def _record(epoch, done: EpochProgress, vae, test_x, batches, ctx, config,
             num_test: int) -> dict:
     """The epoch's metrics line: the test ELBO, then one read of every sum, summed over
     ranks (one transfer per epoch)."""
     t = config.train
-    test = trainer.evaluate_epoch(vae, test_x, t.eval_batch_size,
-                                  seed=seeds.elbo_noise(t.seed))
+    terms = elbo_terms(vae, test_x, t.eval_batch_size, seed=seeds.elbo_noise(t.seed))
+    test = torch.stack([terms.elbo.sum(), terms.log_likelihood.sum(), terms.kl.sum()])
     parts = [done.loss_sum.reshape(1), test,
              torch.tensor([float(done.skipped_steps)], device=test.device)]
     if t.objective == "iwae":  # the bound trained, on the test set, with the same K
@@ -318,14 +350,14 @@ def _diverged(epoch: int, step: int, num_steps: int, run_dir: RunDir | None
         kept = "nothing was written"
     elif epoch == 1:
         kept = (f"nothing of this run is checkpointed yet in {run_dir.path} (start it "
-                "again with force=True)")
+                "again with {force})")
     else:
         kept = f"{run_dir.path} still holds epoch {epoch - 1}, untouched"
     return TrainingDiverged(
         f"non-finite loss or gradient in epoch {epoch} at step {step + 1} of {num_steps}; "
-        f"{kept}. Likely causes: a learning rate too high (lower TrainConfig.lr), data "
+        f"{kept}. Likely causes: a learning rate too high (lower {{train.lr}}), data "
         "outside the likelihood's support, or a collapsing learned scale; or train with "
-        "TrainConfig.nan_policy = 'skip'"
+        "{train.nan_policy=skip}"
     )
 
 

@@ -1,0 +1,248 @@
+"""The one training step: the loss and its gradients, Adam, and a finite check.
+
+:func:`loss_and_grads` is the pure core, ``(state..., x, index) -> (loss, *gradients)``.
+:class:`Trainer` runs it with Adam in one of three modes, none of which reads anything
+back from the device: ``eager`` (Pyro traces model and guide every step; DDP's forward
+under torchrun), ``traced`` (CPU: traced once per batch shape into an aten graph with
+``make_fx`` -- what Pyro's Python computes, without the Python -- and replayed) and
+``cuda-graph`` (the whole step, Adam included, captured once per batch shape and
+replayed; the Philox offsets advance with every replay, so each step draws fresh noise).
+
+The learning rate is a device tensor, so a schedule never retraces or recaptures.
+``nan_policy="skip"`` is a variant of the update, not of the mode: a non-finite step keeps
+the previous parameters and Adam state, selected on the device (optax's
+``apply_if_finite``, NumPyro's ``stable_update``). The first batch of every shape is run
+once eagerly with Pyro's validation on, under a forked RNG and without an update, so a bad
+model fails loudly before anything is traced.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyro
+import torch
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..errors import ConfigError, get_logger
+
+log = get_logger(__name__)
+
+WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is captured
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient, at ``step`` (0-based) of an epoch where known."""
+
+    def __init__(self, step: int | None = None):
+        super().__init__("non-finite loss or gradient" + (f" at step {step + 1}"
+                                                          if step is not None else ""))
+        self.step = step
+
+
+def loss_and_grads(objective: nn.Module, names: list[str], trainable: list[bool], *args):
+    """``(loss, *gradients)`` of ``objective(x, index)`` at the parameters and buffers
+    ``values`` (``args = (*values, x, index)``, in the order of ``names``); gradients of
+    the ``trainable`` ones."""
+    *values, x, index = args
+    leaves = [v.detach().requires_grad_() if t else v for v, t in zip(values, trainable)]
+    loss = torch.func.functional_call(objective, dict(zip(names, leaves)), (x, index))
+    grads = torch.autograd.grad(loss, [v for v, t in zip(leaves, trainable) if t])
+    return (loss.detach(), *grads)
+
+
+def finite(loss: torch.Tensor, grads) -> torch.Tensor:
+    """A 0-dim bool tensor: the loss and every gradient are finite."""
+    grads = [g for g in grads if g is not None]
+    total = loss.detach()
+    if grads:
+        total = total + torch.stack(torch._foreach_norm(grads)).sum()
+    return torch.isfinite(total)
+
+
+def _adam(params, lr: torch.Tensor, eps: float, capturable: bool) -> torch.optim.Adam:
+    """Adam with the fastest implementation torch has for the device (same update rule)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, capturable=capturable, fused=True)
+    except (RuntimeError, ValueError):  # no fused Adam for this device or torch
+        log.info("no fused Adam here; using torch's single-tensor Adam")
+        return torch.optim.Adam(params, lr=lr, eps=eps, capturable=capturable, foreach=False)
+
+
+class Trainer:
+    """Minimizes ``objective(x, index)`` (an ``nn.Module`` whose forward is a scalar loss,
+    e.g. :class:`~pyro_vae.objective.Objective`) with Adam (``lr``, ``eps``) over its
+    parameters that require gradients.
+
+    ``fast``: replay the step as a traced graph (CPU) or a CUDA graph; eager otherwise, and
+    under DDP (``module``: the objective wrapped in ``DistributedDataParallel``, whose hooks
+    average the gradients). ``nan_policy``: ``"stop"`` -- every step updates and the caller
+    acts on ``finite``; ``"skip"`` -- a non-finite step changes no state.
+    """
+
+    def __init__(self, objective: nn.Module, lr: float, *, fast: bool = True,
+                 nan_policy: str = "stop", module: nn.Module | None = None,
+                 eps: float = 1e-8):
+        self.objective, self.module = objective, module or objective
+        self.skip_nonfinite = nan_policy == "skip"
+        self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.mode = {"cuda": "cuda-graph", "cpu": "traced"}.get(self.device.type, "eager") \
+            if fast and module is None else "eager"
+        if fast and self.mode == "eager":
+            log.info("eager training steps: %s", "DDP averages gradients in its own hooks"
+                     if module is not None else f"no fast step on {self.device.type}")
+        self.lr = torch.tensor(float(lr), device=self.device)
+        self.optimizer = _adam(self.params, self.lr, eps, self.mode == "cuda-graph")
+        self._validated: set[tuple] = set()
+        self._replays: dict[tuple, object] = {}
+
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` from the next step on (a device tensor: no retracing)."""
+        self.lr.fill_(lr)
+
+    def load_state_dict(self, optimizer_state: dict) -> None:
+        """Load the optimizer's state; the learning rate stays this trainer's tensor."""
+        self.optimizer.load_state_dict(optimizer_state)
+        self.lr.fill_(float(self.optimizer.param_groups[0]["lr"]))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self._replays.clear()  # captured graphs hold the old state tensors
+
+    def step(self, x: torch.Tensor, index: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimization step on the batch ``x`` (at positions ``index`` of the data).
+
+        Returns ``(loss, finite)``, 0-dim tensors on the device (no host sync): the loss
+        before the update, and whether it and every gradient were finite. Under CUDA
+        graphs they are the graph's outputs, overwritten by the next step.
+        """
+        key = (tuple(x.shape), x.dtype, index is None)
+        if key not in self._validated:
+            self.validate(x, index)
+        with pyro.validation_enabled(False):
+            if self.mode == "traced":
+                replay = self._replays.get(key) or self._trace(key, x, index)
+                with torch.no_grad():  # the graph holds the backward pass
+                    loss, *grads = replay(*self._state(), x, index)
+                return self._update(loss, grads)
+            if self.mode == "cuda-graph":
+                return self._graph_step(key, x, index)
+            return self._update(*self._forward_backward(x, index))
+
+    def validate(self, x: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Run the loss on ``x`` eagerly with Pyro's validation on, under a forked RNG;
+        change nothing but remember the batch shape as validated. Raises :class:`Diverged`
+        if the parameters are not finite, else what Pyro or torch.distributions raise."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), pyro.validation_enabled(True), \
+                    torch.no_grad():
+                self.module(x, index)
+        except (ValueError, RuntimeError):
+            if not all(bool(torch.isfinite(p).all()) for p in self.params):
+                raise Diverged() from None
+            raise
+        self._validated.add((tuple(x.shape), x.dtype, index is None))
+
+    def _forward_backward(self, x, index=None):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.module(x, index)
+        loss.backward()
+        return loss.detach(), [p.grad for p in self.params]
+
+    def _update(self, loss, grads):
+        """Adam on ``grads``; under ``skip``, a non-finite step changes no state."""
+        ok = finite(loss, grads)
+        if self.skip_nonfinite:
+            grads = [g if g is None else torch.where(ok, g, 0.0) for g in grads]
+            saved = [t.clone() for t in self._optimized()]
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.step()
+        if self.skip_nonfinite:
+            with torch.no_grad():
+                for t, old in zip(self._optimized(), saved):
+                    t.copy_(torch.where(ok, t, old))
+        return loss, ok
+
+    def _optimized(self) -> list[torch.Tensor]:
+        """Parameters and Adam's state tensors, created now if Adam has not stepped yet."""
+        if not self.optimizer.state:
+            # a step on zero gradients creates the state; with step reset to 0 it is
+            # exactly Adam's fresh state, and the parameters move by lr * 0 / (0 + eps)
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+            for s in self.optimizer.state.values():
+                s["step"].zero_()
+        return [*self.params, *(t for p in self.params
+                                for t in self.optimizer.state[p].values() if torch.is_tensor(t))]
+
+    def _state(self, named: bool = False) -> list:
+        state = [*self.objective.named_parameters(), *self.objective.named_buffers()]
+        return state if named else [t for _, t in state]
+
+    def _trace(self, key, x, index):
+        """Trace :func:`loss_and_grads` for this batch shape into an aten graph."""
+        named = self._state(named=True)
+        names, trainable = [n for n, _ in named], [t.requires_grad for _, t in named]
+
+        def fn(*args):
+            return loss_and_grads(self.objective, names, trainable, *args)
+
+        start = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                graph = make_fx(fn, tracing_mode="fake")(*self._state(), x, index)
+        except Exception as e:  # noqa: BLE001 - whatever stops tracing, the fix is the same
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"the training step of this model cannot be traced into a graph ({reason}); "
+                "a likelihood or network whose Python branches on tensor values needs "
+                "{train.fast_step=False}") from None
+        log.debug("traced the step for batch shape %s: %d nodes in %.2f s", key[0],
+                  len(graph.graph.nodes), time.perf_counter() - start)
+        self._replays[key] = graph
+        return graph
+
+    def _graph_step(self, key, x, index):
+        entry = self._replays.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(key, x, index)
+            except RuntimeError as e:  # an operation that a CUDA graph cannot hold
+                log.warning("the training step could not be captured in a CUDA graph (%s); "
+                            "training goes on with eager steps ({train.fast_step=False} "
+                            "skips the attempt)", " ".join(str(e).split())[:200])
+                self.mode = "eager"
+                return self._update(*self._forward_backward(x, index))
+        inputs, graph, outputs = entry
+        for static, given in zip(inputs, (x, index)):
+            if static is not None:
+                static.copy_(given)
+        graph.replay()
+        return outputs
+
+    def _capture(self, key, x, index):
+        """Warm up on a side stream, restore every state it touched, capture the step."""
+        inputs = (x.clone(), None if index is None else index.clone())
+        saved = [t.detach().clone() for t in self._optimized()]
+        rng = torch.cuda.get_rng_state(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._update(*self._forward_backward(*inputs))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():  # undo the warm-up: parameters, Adam state, RNG
+            for t, old in zip(self._optimized(), saved):
+                t.copy_(old)
+        torch.cuda.set_rng_state(rng, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._update(*self._forward_backward(*inputs))
+        self._replays[key] = entry = (inputs, graph, outputs)
+        return entry
