@@ -16,6 +16,7 @@ Images are the likelihood's mean, ``E[x | z]``. :mod:`pyro_vae.plots` draws them
 from __future__ import annotations
 
 import torch
+from torch.distributions import Normal, kl_divergence
 
 from .model import VAE
 
@@ -26,8 +27,8 @@ INTERPOLATIONS = ("linear", "spherical")
 def kl_per_dimension(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     """Mean over the images ``x`` of the closed-form KL(q(z_d | x) || N(0, 1)), ``(z_dim,)``."""
     q = vae.encode(x)
-    var = q.scale**2
-    return (0.5 * (var + q.loc**2 - 1.0 - var.log())).mean(0)
+    prior = Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))
+    return kl_divergence(q, prior).mean(0)
 
 
 def prior_quantiles(steps: int = 9, low: float = 0.05, high: float = 0.95,

@@ -24,7 +24,7 @@ import torch
 from .errors import ConfigError
 from .estimators import fixed_noise
 from .latents import kl_per_dimension, prior_quantiles, traversals
-from .model import VAE
+from .model import VAE, evaluating
 
 FOLDER = "tensorboard"
 MAX_HISTOGRAMS = 32  # latent dimensions with a histogram each
@@ -34,8 +34,8 @@ def _writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch raises ImportError naming the package when it is missing
-        raise ConfigError("TrainConfig.tensorboard needs the tensorboard package; install it "
-                          "(pip install tensorboard) or leave TrainConfig.tensorboard off"
+        raise ConfigError("{train.tensorboard} needs the tensorboard package; install it "
+                          "(pip install 'pyro-vae[tensorboard]') or leave it off"
                           ) from None
     return SummaryWriter
 
@@ -47,10 +47,12 @@ def check_available() -> None:
 
 def _grid(images: torch.Tensor) -> torch.Tensor:
     """``(R, C, D)`` images of ``D = H * H`` pixels -> one ``(1, R*H, C*H)`` picture."""
+    from torchvision.utils import make_grid  # here: importing torchvision takes seconds
+
     rows, cols, pixels = images.shape
     side = math.isqrt(pixels)
-    return (images.reshape(rows, cols, side, side).permute(0, 2, 1, 3)
-            .reshape(1, rows * side, cols * side).clamp(0, 1))
+    return make_grid(images.reshape(rows * cols, 1, side, side), nrow=cols, padding=0)[:1] \
+        .clamp(0, 1)
 
 
 class TensorBoard:
@@ -82,8 +84,11 @@ class TensorBoard:
         """Reconstructions, prior samples, traversals and posterior-mean histograms."""
         if math.isqrt(vae.x_dim) ** 2 != vae.x_dim:  # not square images: scalars only
             return
-        was_training = vae.training
-        vae.eval()
+        with evaluating(vae):
+            self._pictures(vae, test_x, step, seed)
+        self.flush()
+
+    def _pictures(self, vae: VAE, test_x: torch.Tensor, step: int, seed: int) -> None:
         x = test_x[:16]
         pairs = torch.stack([x, vae.reconstruct(x)])  # (2, 16, D)
         self.writer.add_image("reconstructions", _grid(pairs.cpu()), step)
@@ -98,8 +103,6 @@ class TensorBoard:
         means = vae.encode(pool).loc.cpu()
         for d in range(min(vae.z_dim, MAX_HISTOGRAMS)):
             self.writer.add_histogram(f"posterior_mean/z_{d + 1}", means[:, d], step)
-        vae.train(was_training)
-        self.flush()
 
     def evaluation(self, result: dict) -> None:
         """An evaluation's results (``pyro_vae.evaluate_run``), at the run's epoch."""
