@@ -44,6 +44,23 @@ def test_num_data_scales_log_density_to_the_full_data_set():
     x = torch.bernoulli(torch.full((4, 16), 0.5))
     trace = poutine.trace(vae.model).get_trace(x, num_data=100)
     assert trace.nodes["x"]["scale"] == pytest.approx(25.0)
+    assert trace.nodes["z"]["scale"] == pytest.approx(25.0)
+
+
+def test_the_batch_indices_are_the_data_plates_subsample_and_draw_nothing():
+    vae = small_vae()
+    x = torch.bernoulli(torch.full((4, 16), 0.5))
+    index = torch.tensor([7, 3, 99, 0])
+    state = torch.get_rng_state()
+    trace = poutine.trace(poutine.block(vae.model, hide=["z"])).get_trace(
+        x, num_data=100, index=index)
+    assert torch.equal(trace.nodes["data"]["value"], index)
+    assert trace.nodes["x"]["scale"] == pytest.approx(25.0)
+    # only the prior's draw of z used the RNG: the plate drew no permutation of 100
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    torch.normal(torch.zeros(4, 3), torch.ones(4, 3))
+    assert torch.equal(torch.get_rng_state(), after)
 
 
 @pytest.mark.parametrize("num_particles", [1, 4])
@@ -108,15 +125,26 @@ def test_works_with_pyro_svi_and_the_param_store():
     before = [p.detach().clone() for p in vae.parameters()]
     losses = [svi.step(x) for _ in range(20)]
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert any(not torch.equal(b, p) for b, p in zip(before, vae.parameters()))
+    store = pyro.get_param_store()
+    expected = {f"decoder$$${n}" for n, _ in vae.decoder.named_parameters()} | \
+        {f"encoder$$${n}" for n, _ in vae.encoder.named_parameters()}
+    assert set(store.keys()) == expected
+    # the store holds the networks' own tensors, which SVI's Adam has moved
+    assert all(store[f"decoder$$${n}"] is p for n, p in vae.decoder.named_parameters())
+    assert all(not torch.equal(b, p) for b, p in zip(before, vae.parameters()))
 
 
 def test_reconstruction_and_prior_samples_are_likelihood_means():
-    vae = small_vae("continuous-bernoulli")
-    x = torch.rand(5, 16)
+    # the continuous Bernoulli's mean 1 / (1 - e^-l) - 1 / l (in float64), not its
+    # parameter sigmoid(l): the two differ, and pictures must show the mean
+    vae = small_vae("continuous-bernoulli").double()
+    x = torch.rand(5, 16, dtype=torch.float64)
     rec = vae.reconstruct(x)
-    expected = vae.decode(vae.encode(x).loc).mean
+    with torch.no_grad():
+        logits = vae.decoder(vae.encoder(x)[0])[..., 0, :]
+    expected = 1 / (1 - torch.exp(-logits)) - 1 / logits
     torch.testing.assert_close(rec, expected)
+    assert (rec - torch.sigmoid(logits)).abs().max() > 1e-3
     assert ((rec >= 0) & (rec <= 1)).all()
     assert vae.sample_prior(7).batch_shape == (7, 16)
 

@@ -10,6 +10,7 @@ import pyro_vae
 from pyro_vae import VAE, Objective, RunConfig
 from pyro_vae.estimators import fixed_noise, log_weights
 from pyro_vae.objective import IWAE_ELBO, SyncFreeTrace_ELBO, kl_weight, learning_rate
+from pyro_vae.runner.state import load_state
 
 from .helpers import exact_log_px, linear_gaussian_vae, tiny_config
 
@@ -199,3 +200,7 @@ def test_a_scheduled_run_resumes_exactly_and_uses_adams_eps(tmp_path):
                    progress=False)
     resumed = pyro_vae.train(resume=tmp_path / "b", epochs=3, progress=False)
     assert comparable(straight.metrics) == comparable(resumed.metrics)
+    for run in ("a", "b"):  # what Adam ran with: the schedule's rate of epoch 3, eps 1e-4
+        groups = load_state(tmp_path / run / "checkpoint.pt").optimizer["param_groups"]
+        assert all(g["eps"] == 1e-4 for g in groups)
+        assert all(float(g["lr"]) == pytest.approx(1e-3 * 10 ** (-1 / 7)) for g in groups)

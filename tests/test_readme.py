@@ -14,10 +14,6 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def test_the_readme_has_python_blocks():
-    assert len(python_blocks()) >= 4
-
-
 @pytest.mark.slow
 def test_the_readme_python_blocks_run(tmp_path):
     script = tmp_path / "readme.py"
@@ -37,4 +33,5 @@ def test_the_minimal_svi_script_trains_one_small_epoch():
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"epoch 1: train ELBO -\d+\.\d\d, test ELBO -\d+\.\d\d nats/image\n",
                         result.stdout)
-    assert len((README.parent / "scripts" / "svi_minimal.py").read_text().splitlines()) < 100
+    script = (README.parent / "scripts" / "svi_minimal.py").read_text()
+    assert len(script.splitlines()) < 60  # as the README promises

@@ -136,10 +136,11 @@ def test_data_outside_the_support_is_refused_before_training(tmp_path):
 
 # -- property tests -------------------------------------------------------------------------
 
-finite = st.floats(-8, 8, allow_nan=False, width=32)
+# decoder outputs anywhere a trained network puts them, saturated sigmoids included
+finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(built_in_likelihoods()), raw=st.lists(finite, min_size=2, max_size=2),
        u=st.floats(0, 1, width=32))
 def test_log_prob_is_finite_everywhere_on_the_support(name, raw, u):
@@ -288,6 +289,7 @@ CASES = [
     ("epochs -1", nothing, [*TRAIN, "--epochs", "-1"], 2, "--epochs must be"),
     ("z-dim 0", nothing, [*TRAIN, "--z-dim", "0"], 2, "--z-dim must be"),
     ("lr 0", nothing, [*TRAIN, "--lr", "0"], 2, "--lr must be"),
+    ("lr negative", nothing, [*TRAIN, "--lr=-1e-3"], 2, "--lr must be a positive finite"),
     ("lr inf", nothing, [*TRAIN, "--lr", "inf"], 2, "--lr must be"),
     ("lr nan", nothing, [*TRAIN, "--lr", "nan"], 2, "--lr must be"),
     ("lr text", nothing, [*TRAIN, "--lr", "fast"], 2, "invalid float"),
@@ -298,10 +300,12 @@ CASES = [
     ("test-limit -5", nothing, [*TRAIN, "--test-limit", "-5"], 2, "--test-limit"),
     ("hidden dims text", nothing, [*TRAIN, "--hidden-dims", "400,x"], 2, "comma-separated"),
     ("hidden dims 0", nothing, [*TRAIN, "--hidden-dims", "0"], 2, "--hidden-dims"),
-    ("activation", nothing, [*TRAIN, "--activation", "nope"], 2, "unknown activation"),
+    ("activation", nothing, [*TRAIN, "--activation", "nope"], 2, "invalid choice"),
     ("binarize choice", nothing, [*TRAIN, "--binarize", "sometimes"], 2, "invalid choice"),
     ("elbo choice", nothing, [*TRAIN, "--elbo", "exact"], 2, "invalid choice"),
     ("device choice", nothing, [*TRAIN, "--device", "tpu"], 2, "invalid choice"),
+    *([("cuda without one", nothing, [*TRAIN, "--device", "cuda"], 2, "no CUDA device")]
+      if not torch.cuda.is_available() else []),
     ("option name", nothing, [*TRAIN, "--likelihood", "normal-fixed", "--likelihood-option",
                               "sigma=1"], 2, "no option sigma"),
     ("option zero scale", nothing, [*TRAIN, "--likelihood", "normal-fixed",
@@ -414,10 +418,6 @@ def test_bad_input_is_one_line_with_the_right_status_and_destroys_nothing(
     assert words.format(**names) in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert snapshot(tmp_path) == before
-
-
-def test_the_table_is_broad():
-    assert len(CASES) >= 60
 
 
 def test_an_unexpected_error_is_one_line_with_status_1(tmp_path, capsys, monkeypatch):
@@ -544,9 +544,23 @@ def test_permission_problems_are_one_line(tmp_path, finished_run, kind):
 def test_a_resume_applies_a_learning_rate_edited_in_config_json(tmp_path, finished_run, caplog):
     shutil.copytree(finished_run, tmp_path / "run")
     edit_config("train", "lr", 0.01)(tmp_path)
+    before = load_state(tmp_path / "run" / "checkpoint.pt").model
     with caplog.at_level("INFO", logger="pyro_vae"):
         train(resume=tmp_path / "run", epochs=3, progress=False)
     assert "learning rate 0.01 (config.json) replaces 0.001 (checkpoint)" in caplog.text
+    state = load_state(tmp_path / "run" / "checkpoint.pt")
+    assert all(float(g["lr"]) == pytest.approx(0.01) for g in state.optimizer["param_groups"])
+    # Adam's first steps move each weight by about lr: 0.01 shows, 0.001 would not
+    moved = max((state.model[k] - before[k]).abs().max().item() for k in before)
+    assert moved > 0.005
+
+
+def test_a_resume_with_the_rate_it_saved_logs_no_replacement(tmp_path, finished_run, caplog):
+    # the rate is a float32 tensor in the checkpoint: 0.001 reads back as 0.0010000000475
+    shutil.copytree(finished_run, tmp_path / "run")
+    with caplog.at_level("INFO", logger="pyro_vae"):
+        train(resume=tmp_path / "run", epochs=3, progress=False)
+    assert "replaces" not in caplog.text
 
 
 @pytest.mark.slow

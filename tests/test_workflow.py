@@ -3,13 +3,14 @@ command, evaluations kept by split and K, progress of long work."""
 
 import json
 import logging
+import sys
 
 import pytest
 import torch
 
 import pyro_vae
 from pyro_vae.cli import main
-from pyro_vae.commands import MAX_DIAGNOSED_IMAGES, diagnose_run, read_evaluations
+from pyro_vae.commands import diagnose_run, read_evaluations
 from pyro_vae.progress import Progress
 
 from .helpers import comparable, tiny_config
@@ -99,6 +100,13 @@ def test_tensorboard_needs_a_run_folder():
         pyro_vae.train(tiny_config(tensorboard=True), None)
 
 
+def test_tensorboard_without_its_package_names_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(pyro_vae.ConfigError, match=r"pip install 'pyro-vae\[tensorboard\]'"):
+        pyro_vae.train(tiny_config(tensorboard=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 # -- the commands as Python functions -----------------------------------------------------
 
 
@@ -109,6 +117,26 @@ def run_folder(tmp_path_factory):
     return path
 
 
+def test_evaluate_uses_the_batch_size_it_is_given(run_folder, monkeypatch):
+    # the out-of-memory advice says to lower --batch-size: both passes must honour it
+    seen = {}
+    real_terms = pyro_vae.commands.elbo_terms
+    real_log_px = pyro_vae.commands.importance_log_likelihood
+
+    def terms(vae, x, batch_size, seed):
+        seen["elbo_terms"] = batch_size
+        return real_terms(vae, x, batch_size, seed=seed)
+
+    def log_px(vae, x, num_samples, batch_size, **kwargs):
+        seen["log_px"] = batch_size
+        return real_log_px(vae, x, num_samples, batch_size, **kwargs)
+
+    monkeypatch.setattr(pyro_vae.commands, "elbo_terms", terms)
+    monkeypatch.setattr(pyro_vae.commands, "importance_log_likelihood", log_px)
+    pyro_vae.evaluate(run_folder, iwae_samples=2, batch_size=7, write=False)
+    assert seen == {"elbo_terms": 7, "log_px": 7}
+
+
 def test_evaluations_are_kept_by_split_and_k(run_folder):
     long = pyro_vae.evaluate(run_folder, iwae_samples=20)
     pyro_vae.evaluate(run_folder, iwae_samples=1)
@@ -117,8 +145,11 @@ def test_evaluations_are_kept_by_split_and_k(run_folder):
     kept = read_evaluations(run_folder)
     assert set(kept) == {"test", "train"} and set(kept["test"]) == {"20", "1"}
     assert kept["test"]["20"]["log_px"] == pytest.approx(long["log_px"])
-    # K = 1 importance sampling is the ELBO, estimated with other noise
-    assert kept["test"]["1"]["log_px"] == pytest.approx(kept["test"]["1"]["elbo"], abs=2.0)
+    # K = 1 importance sampling is the ELBO, estimated with other noise: the two means
+    # differ by Monte-Carlo error only (4 standard errors of their difference)
+    one = kept["test"]["1"]
+    se = (one["log_px_se"] ** 2 + one["elbo_se"] ** 2) ** 0.5
+    assert one["log_px"] == pytest.approx(one["elbo"], abs=4 * se)
 
 
 def test_an_old_flat_eval_json_is_read_and_a_damaged_one_is_kept(tmp_path):
@@ -166,7 +197,6 @@ def test_diagnose_caps_the_number_of_images_with_a_message(run_folder, caplog):
     assert len(result.per_image) == 2
     assert "asked for 100000 images, the test set has 2; diagnosing 2" in caplog.text
     assert "expected about" in caplog.text
-    assert MAX_DIAGNOSED_IMAGES == 100
 
 
 # -- progress ------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae import VAE, RunConfig, available_likelihoods, get_likelihood
+from pyro_vae import VAE, RunConfig, available_likelihoods, available_networks, get_likelihood
+from pyro_vae.networks import network_module
 
 # -- runs -------------------------------------------------------------------------------------
 
@@ -39,6 +40,11 @@ def built_in_likelihoods() -> list[str]:
     """Every likelihood that pyro-vae itself registers (not those tests add)."""
     return [name for name in available_likelihoods()
             if get_likelihood(name).build.__module__ == "pyro_vae.likelihoods"]
+
+
+def built_in_networks() -> list[str]:
+    """Every network that pyro-vae itself registers."""
+    return [name for name in available_networks() if network_module(name) is None]
 
 
 def values_in_support(name, shape, generator):
