@@ -33,16 +33,17 @@ MAX_JSON_BYTES = 1 << 20  # a --config file or config.json larger than this is n
 
 def setting(default: Any = None, help: str = "", *, low: float | None = None,
             high: float | None = None, open_low: bool = False, open_high: bool = False,
-            flag: str | None = None,
+            flag: str | None = None, min_len: int = 0,
             metavar: str | None = None, cli: bool = True, factory: Any = None):
     """A dataclass field with what validation and the command line need to know.
 
     ``low``/``high``: bounds of a number (of each element of a tuple), excluded with
     ``open_low``/``open_high``. ``flag``: the command line's name for it if not the field's
-    (``no-download``); ``cli=False``: no flag (values pyro-vae fills in itself).
+    (``no-download``); ``min_len``: the fewest items of a tuple; ``cli=False``: no flag
+    (values pyro-vae fills in itself).
     """
     meta = {"help": help, "low": low, "high": high, "open_low": open_low,
-            "open_high": open_high, "flag": flag,
+            "open_high": open_high, "flag": flag, "min_len": min_len,
             "metavar": metavar, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -60,7 +61,8 @@ class ModelConfig:
         None, "the module that registered the likelihood; None: built in", cli=False)
     z_dim: int = setting(20, "latent dimensions (of the top layer)", low=1)
     hidden_dims: tuple[int, ...] = setting(
-        (400,), "encoder hidden sizes, e.g. 400 or 512,256; the decoder mirrors them", low=1)
+        (400,), "encoder hidden sizes, e.g. 400 or 512,256; the decoder mirrors them", low=1,
+        min_len=1)
     activation: Literal["relu", "softplus", "tanh", "elu"] = setting(
         "relu", "nonlinearity of the hidden layers")
     network: str = setting("mlp", "encoder and decoder: mlp, conv or a registered network")
@@ -258,7 +260,7 @@ def _check(name: str, value: Any, hint: Any, meta) -> None:
         return
     base = base_type(hint)
     if typing.get_origin(base) is tuple:
-        if not isinstance(value, tuple) or (not value and name.endswith(".hidden_dims")):
+        if not isinstance(value, tuple) or len(value) < meta.get("min_len", 0):
             raise ConfigError(f"{{{name}}} needs a list of sizes, e.g. (400,), got {value!r}")
         for item in value:
             _check(name, item, int, meta)
@@ -283,7 +285,8 @@ def _is_number(value: Any) -> bool:
 def _check_number(name: str, value: Any, integer: bool, meta) -> None:
     low, high = meta.get("low"), meta.get("high")
     kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
+    ok = isinstance(value, kind) and not isinstance(value, bool) \
+        and (integer or math.isfinite(value)) \
         and (low is None or value > low or (value == low and not meta.get("open_low"))) \
         and (high is None or value < high or (value == high and not meta.get("open_high")))
     if ok:
