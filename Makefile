@@ -25,8 +25,12 @@ run: $(BIN)/.installed
 		.venv312/bin/python -m pip install --quiet 'arviz>=1' numpy && touch $@; \
 	else echo "no python3.12 here: the arviz 1.x adapter test will skip"; fi
 
+# two workers (pytest-xdist), one OpenMP thread each (tests/conftest.py): the suite's
+# subprocesses and its compute overlap on two cores; JOBS=0 runs it in one process
+JOBS ?= 2
+
 test: $(BIN)/.installed .venv312/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(JOBS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check pyro_vae tests scripts

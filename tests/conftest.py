@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one OpenMP thread each (and in the
+    # processes they start), set before torch starts; else one worker's spinning threads
+    # stall the other's 25-35x
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pyro
