@@ -133,9 +133,6 @@ def evaluate(run: Run | str | os.PathLike, split: str = "test", iwae_samples: in
     (:func:`read_evaluations`), beside earlier ones: a quick ``K = 1`` check never replaces
     a ``K = 5000`` result. Runs trained with TensorBoard also get the numbers there.
     """
-    if split not in SPLITS:  # before the run is loaded
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    _check_counts(iwae_samples=iwae_samples, batch_size=batch_size)
     run = as_run(run, device)
     result = evaluate_run(run, split, iwae_samples, batch_size, progress=progress)
     if write and run.path is not None:

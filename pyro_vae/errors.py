@@ -23,7 +23,8 @@ import re
 from collections.abc import Callable
 
 # {section.field}, {section.field=value}, {argument} or {argument=value}
-_ARGUMENT_NAMES = "force|out|resume|import|iwae_samples|batch_size|num_samples|images|warmup|chains"
+_ARGUMENT_NAMES = ("force|out|resume|import|iwae_samples|batch_size|num_samples|images|warmup|"
+                   "chains|draws")
 _TOKEN = re.compile(rf"\{{({_ARGUMENT_NAMES}|(?:model|data|train)\.\w+)(?:=([^{{}}]*))?\}}")
 _SECTIONS = {"model": "ModelConfig", "data": "DataConfig", "train": "TrainConfig"}
 _ARGUMENTS = {"force": "force=True", "out": "out folder", "resume": "resume={}",

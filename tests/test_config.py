@@ -83,6 +83,7 @@ def test_flags_given_override_a_config_file_and_the_rest_keeps_its_values(tmp_pa
     ("resume", "runs/a", "resume=runs/a", "--resume runs/a"),
     ("import", "mylik", "import mylik before loading the run", "--import mylik"),
     ("iwae_samples", None, "iwae_samples", "--iwae-samples"),
+    ("draws", None, "draws", "--draws"),
 ])
 def test_a_setting_token_is_spelled_for_python_and_for_the_command_line(setting, value,
                                                                          python, cli):

@@ -220,3 +220,16 @@ def test_evaluate_logs_its_progress(run_folder, caplog):
         pyro_vae.evaluate(run_folder, iwae_samples=2, batch_size=20, write=False,
                           progress=None)
     assert any(r.getMessage().startswith("log p(x), K=2: 100%") for r in caplog.records)
+
+
+def test_draws_from_the_relaxed_bernoulli_say_which_option_to_drop(tmp_path):
+    from pyro_vae.cli import flag_name
+    from pyro_vae.errors import naming
+    config = tiny_config(epochs=1)
+    config.data.binarize = "none"  # bernoulli on gray-scale: scored by bernoulli-relaxed
+    run = pyro_vae.train(config, tmp_path / "run", progress=False)
+    with pytest.raises(pyro_vae.ConfigError) as info:
+        pyro_vae.sample(run, 4, draws=True)
+    assert str(info.value).endswith("sample the mean instead (without draws)")
+    with naming(flag_name):
+        assert str(info.value).endswith("sample the mean instead (without --draws)")
