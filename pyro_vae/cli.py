@@ -23,6 +23,7 @@ from .commands import SPLITS, diagnose_run, evaluate, evaluation_table, sample, 
 from .config import RunConfig
 from .errors import ConfigError, PyroVAEError, TrainingDiverged, naming
 from .likelihoods import available_likelihoods, get_likelihood
+from .models import available_models, get_model
 from .plots import FIGURE_KINDS
 from .registry import import_modules
 from .runner.train import train, train_summary
@@ -132,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, func, help, description):
         p = sub.add_parser(name, help=help, description=description, parents=[plugins])
         p.set_defaults(func=func)
-        if name != "likelihoods":
+        if name not in _LISTINGS:
             p.add_argument("--quiet", action="store_true", help="no progress, results only")
-        if name not in ("train", "likelihoods"):
+        if name not in ("train", *_LISTINGS):
             p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
         return p
 
@@ -180,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                    {"choices": config.DEVICES})})
     command("likelihoods", cmd_likelihoods, "list the registered likelihoods",
             "Every registered likelihood: outputs per pixel, support, options.")
+    command("models", cmd_models, "list the registered models",
+            "Every registered model (--model NAME) and its options (--model-option).")
     return parser
+
+
+_LISTINGS = ("likelihoods", "models")  # commands that list what is registered
 
 
 def _settings(args: argparse.Namespace) -> dict:  # {"train.lr": 0.01, ...}, as given
@@ -256,6 +262,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def cmd_likelihoods(args: argparse.Namespace) -> int:
     print("\n".join(get_likelihood(name).summary() for name in available_likelihoods()))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    print("\n".join(get_model(name).summary() for name in available_models()))
     return 0
 
 

@@ -30,7 +30,7 @@ from . import seeds
 from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError, get_logger
-from .estimators import elbo_terms, fixed_noise, importance_log_likelihood
+from .estimators import correct, elbo_terms, fixed_noise, importance_log_likelihood
 from .plots import (
     describe,
     figures_for_run,
@@ -82,9 +82,9 @@ def evaluate_run(run: Run, split: str = "test", iwae_samples: int = 5000,
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     _check_counts(iwae_samples=iwae_samples, batch_size=batch_size)
     vae, config = run.vae, run.config
-    x = run.data.test_x
+    x, y = run.data.test_x, run.data.test_y
     if split == "train":
-        x = run.data.train_x
+        x, y = run.data.train_x, run.data.train_y
         if config.data.binarize == "dynamic":
             x = binarize(x, seeds.train_eval_binarization(config.data.binarize_seed))
     start = time.perf_counter()
@@ -104,6 +104,8 @@ def evaluate_run(run: Run, split: str = "test", iwae_samples: int = 5000,
     # density of 8-bit pixels is not one without dequantization, so none is given then
     result["bits_per_dim"] = (-result["log_px"] / (vae.x_dim * math.log(2))
                               if lik.binary else None)
+    if hasattr(vae, "classify"):  # a model with classes: how often argmax q(y | x) is right
+        result["accuracy"] = correct(vae, x, y.to(x.device), batch_size).item() / n
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -119,6 +121,8 @@ def evaluation_table(r: dict) -> str:
         lines.append(f"  {name:18s} {r[key]:10.2f}  +- {r[key + '_se']:.2f}")
     if r["bits_per_dim"] is not None:
         lines.append(f"  {'bits/dim':18s} {r['bits_per_dim']:10.4f}")
+    if r.get("accuracy") is not None:
+        lines.append(f"  {'accuracy':18s} {r['accuracy']:10.4f}  (argmax q(y | x))")
     if not r["normalized"]:
         lines.append("  note: this likelihood is not normalized; these are not log-likelihoods")
     return "\n".join(lines)
@@ -240,9 +244,14 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
     if chains < 2:
         log.warning("R-hat needs at least 2 chains; it is reported as NaN")
     run = as_run(run, device)
-    if run.vae.stochastic_layers != 1:
-        raise ConfigError("diagnostics compare the guide with NUTS on one latent layer; this "
-                          "run has two stochastic layers")
+    if getattr(run.vae, "enumerated", False):
+        raise ConfigError(f"diagnose compares the guide with NUTS, which cannot sample the "
+                          f"discrete latent of model '{run.config.model.name}'; evaluate "
+                          "and plot apply to it")
+    if getattr(run.vae, "stochastic_layers", None) != 1 or not hasattr(run.vae, "encoder"):
+        raise ConfigError("diagnostics compare the guide with NUTS on the one latent layer "
+                          f"of a vae; model '{run.config.model.name}' with "
+                          f"{getattr(run.vae, 'stochastic_layers', 'other')} layers is not one")
     available = len(run.data.test_x)
     cap = min(available, MAX_DIAGNOSED_IMAGES)
     if images > cap:

@@ -52,6 +52,13 @@ def setting(default: Any = None, help: str = "", *, low: float | None = None,
 
 @dataclass
 class ModelConfig:
+    name: str = setting("vae", "the model: vae, m2 (semi-supervised) or a registered model "
+                        "(pyro-vae models lists them)", flag="model")
+    model_options: dict[str, float] = setting(
+        help="a model setting, e.g. aux_loss_multiplier=46 for m2 (repeatable)",
+        factory=dict, flag="model-option", metavar="KEY=VALUE")
+    model_module: str | None = setting(
+        None, "the module that registered the model; None: built in", cli=False)
     likelihood: str = setting(
         "bernoulli", "p(x | z): a registered likelihood (pyro-vae likelihoods lists them)")
     likelihood_options: dict[str, float] = setting(
@@ -90,6 +97,13 @@ class DataConfig:
     test_limit: int | None = setting(None, "use only the first N test images", low=1,
                                      metavar="N")
     download: bool = setting(True, "never try to download a data set", flag="no-download")
+    labels: int | None = setting(
+        None, "models that learn from labels: keep N training labels, balanced per class "
+        "and chosen by the seed; the other images are unlabelled (default: all)", low=1,
+        metavar="N")
+    validation: int = setting(
+        0, "hold out the first N training images as a validation set, scored each epoch",
+        low=0, metavar="N")
 
 
 @dataclass
@@ -101,6 +115,8 @@ class TrainConfig:
         "constant", "burda: lr * 10^(-i/7) for 3^i epochs, i = 0..7 (Burda et al., 2015)")
     adam_eps: float = setting(1e-8, "Adam's epsilon (Burda et al.: 1e-4)", low=0,
                               open_low=True, high=1, open_high=True)
+    adam_beta1: float = setting(0.9, "Adam's first-moment decay (Pyro's ss-vae example: 0.95)",
+                                low=0, high=1, open_high=True)
     elbo: Literal["trace", "meanfield"] = setting(
         "trace", "trace (Trace_ELBO) or meanfield (TraceMeanField_ELBO, analytic KL)")
     num_particles: int = setting(1, "ELBO particles, vectorized; K of the IWAE bound", low=1)
@@ -168,8 +184,8 @@ class RunConfig:
         """This config with ``{"section.field": value}`` set (e.g. parsed flags)."""
         for key, value in settings.items():
             section, name = key.split(".")
-            setattr(getattr(self, section), name, dict(value) if name ==
-                    "likelihood_options" else value)
+            setattr(getattr(self, section), name, dict(value) if name in
+                    ("likelihood_options", "model_options") else value)
         return self
 
     @classmethod

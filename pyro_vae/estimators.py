@@ -42,19 +42,46 @@ def log_mean_exp(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 @dataclass
 class LogWeights:
-    """Per-sample terms of ``log p(x, z_k) - log q(z_k | x)``, each of shape ``(K, B)``."""
+    """Per-sample terms of ``log p(x, z_k) - log q(z_k | x)``, each of shape ``(K, B)``.
+
+    A guide with discrete sites summed out by enumeration (``enumerated`` models) gives
+    each term a leading dimension ``E`` over the enumerated values, ``(E, K, B)``, and
+    ``log_enumerated``: ``log q`` of those values. Then ``z_k`` holds one draw of the
+    continuous latents *per enumerated value* (stratified sampling), and each sum below
+    runs over the values exactly instead of sampling them.
+    """
 
     log_likelihood: torch.Tensor  # log p(x | z_k)
-    log_prior: torch.Tensor  # log p(z_k)
-    log_guide: torch.Tensor  # log q(z_k | x)
+    log_prior: torch.Tensor  # log p(z_k) (the enumerated values' prior included)
+    log_guide: torch.Tensor  # log q(z_k | x) of the sampled sites
+    log_enumerated: torch.Tensor | None = None  # (E, K, B): log q of the enumerated values
 
     @property
     def log_weight(self) -> torch.Tensor:
-        return self.log_likelihood + self.log_prior - self.log_guide
+        """``(K, B)``: ``log p(x, z_k) / q(z_k | x)``; with enumeration, the log of
+        ``sum_e p(x, e, z_ek) / q(z_ek | x, e)``, also an unbiased estimate of ``p(x)``."""
+        log_w = self.log_likelihood + self.log_prior - self.log_guide
+        return log_w if self.log_enumerated is None else log_w.logsumexp(0)
+
+    def elbo_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(elbo, log_likelihood)``, each ``(K, B)``: one-sample estimates of the ELBO and
+        of ``E_q log p(x | z)``; with enumeration, their exact expectations over the
+        enumerated values, ``sum_e q(e | x) [...]`` (values of probability 0 dropped)."""
+        log_w = self.log_likelihood + self.log_prior - self.log_guide
+        if self.log_enumerated is None:
+            return log_w, self.log_likelihood
+        q = self.log_enumerated.exp()
+
+        def expected(t: torch.Tensor) -> torch.Tensor:
+            return (q * torch.where(q > 0, t, 0.0)).sum(0)
+
+        return expected(log_w - self.log_enumerated), expected(self.log_likelihood)
 
     @classmethod
     def of(cls, model_trace, guide_trace, shape) -> LogWeights:
-        """The terms of a guide trace and the model replayed on it, broadcast to ``shape``.
+        """The terms of a guide trace and the model replayed on it, broadcast to ``shape``
+        ``(K, B)`` (``(E, K, B)`` where guide sites were enumerated, ``E`` their joint
+        values).
 
         Each sums the *unscaled* log densities of its sites (any number of latent sites:
         two stochastic layers give ``log p(z1 | z2) + log p(z2)``): an image's weight
@@ -63,13 +90,31 @@ class LogWeights:
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
 
-        def total(trace, observed: bool) -> torch.Tensor:
-            return sum(site["unscaled_log_prob"] for site in trace.nodes.values()
-                       if site["type"] == "sample" and not site_is_subsample(site)
-                       and site["is_observed"] == observed).expand(shape)
+        def sites(trace, observed: bool, enumerated: bool | None = None):
+            return [site["unscaled_log_prob"] for site in trace.nodes.values()
+                    if site["type"] == "sample" and not site_is_subsample(site)
+                    and site["is_observed"] == observed and (
+                        enumerated is None or _is_enumerated(site) == enumerated)]
 
-        return cls(total(model_trace, True), total(model_trace, False),
-                   total(guide_trace, False))
+        enumerated = sites(guide_trace, False, True)
+        parts = [sites(model_trace, True), sites(model_trace, False),
+                 sites(guide_trace, False, False)]
+        if not enumerated:
+            return cls(*(sum(terms).expand(shape) for terms in parts))
+        full = torch.broadcast_shapes(*(t.shape for t in (*enumerated, *sum(parts, []))),
+                                      shape)
+        totals = [sum(terms, torch.zeros(())).expand(full).reshape(-1, *shape)
+                  for terms in (*parts, enumerated)]
+        return cls(*totals)
+
+
+def _is_enumerated(site) -> bool:
+    return site["infer"].get("enumerate") == "parallel"
+
+
+def _enumerates(vae, guide) -> bool:
+    """Whether ``guide`` is ``vae``'s own guide and sums discrete sites by enumeration."""
+    return guide is None and getattr(vae, "enumerated", False)
 
 
 @torch.no_grad()
@@ -78,9 +123,13 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> 
 
     ``guide`` defaults to the VAE's amortized guide; any guide ``guide(x)`` whose latent
     sites sit inside the ``"data"`` plate works (e.g. a per-image optimized Gaussian).
+    An ``enumerated`` model's own guide has its discrete sites enumerated, not sampled.
     """
+    run_guide = guide or vae.guide
+    if _enumerates(vae, guide):  # after the data plate (-1) and the samples plate (-2)
+        run_guide = poutine.enum(run_guide, first_available_dim=-3)
     with pyro.plate("samples", num_samples, dim=-2):
-        guide_trace = poutine.trace(guide or vae.guide).get_trace(x)
+        guide_trace = poutine.trace(run_guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     return LogWeights.of(model_trace, guide_trace, (num_samples, x.shape[0]))
 
@@ -107,10 +156,20 @@ def elbo_terms(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int | No
     With a ``seed`` the result repeats exactly (see :func:`fixed_noise`).
     """
     with evaluating(vae), fixed_noise(seed, x.device):
-        parts = [log_weights(vae, xb) for xb in x.split(batch_size)]
-    log_lik = torch.cat([p.log_likelihood[0] for p in parts])
-    kl = torch.cat([(p.log_guide - p.log_prior)[0] for p in parts])
-    return ElboTerms(elbo=log_lik - kl, log_likelihood=log_lik, kl=kl)
+        parts = [log_weights(vae, xb).elbo_terms() for xb in x.split(batch_size)]
+    elbo = torch.cat([p[0][0] for p in parts])
+    log_lik = torch.cat([p[1][0] for p in parts])
+    return ElboTerms(elbo=elbo, log_likelihood=log_lik, kl=log_lik - elbo)
+
+
+@torch.no_grad()
+def correct(vae, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """How many images of ``x`` a model's classifier (``vae.classify``, logits) labels as
+    ``y``: a 0-dim tensor on the device (no host read)."""
+    with evaluating(vae):
+        hits = [(vae.classify(xb).argmax(-1) == yb).sum()
+                for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+    return torch.stack(hits).sum() if hits else x.new_zeros((), dtype=torch.long)
 
 
 @torch.no_grad()
@@ -134,7 +193,8 @@ def importance_log_likelihood(
     log space. Returns a tensor of shape ``(N,)`` on ``x.device``. ``progress``: as
     ``show`` of :class:`~pyro_vae.progress.Progress` (``False``: silent).
     """
-    per_sample = batch_size * vae.x_dim * vae.likelihood.num_params
+    per_sample = batch_size * vae.x_dim * vae.likelihood.num_params * \
+        getattr(vae, "enumerated_values", 1)
     chunk = max(1, min(num_samples, max_elements // per_sample))
     out = []
     batches = x.split(batch_size)

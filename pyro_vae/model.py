@@ -82,7 +82,7 @@ class VAE(nn.Module):
             # device tensors, not Python floats: nothing is copied from the host per step,
             # which CUDA-graph capture requires
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
-            with _weighted(kl_weight):
+            with weighted(kl_weight):
                 z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
             pyro.sample("x", self.observation(z).to_event(1), obs=x)
 
@@ -102,7 +102,7 @@ class VAE(nn.Module):
         The amortized guide passes the encoder's outputs; diagnostics pass per-image
         parameters optimized on their own (the "optimal" Gaussian q* of Cremer et al.).
         """
-        with data_plate(x, num_data, index), _weighted(kl_weight):
+        with data_plate(x, num_data, index), weighted(kl_weight):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @staticmethod
@@ -170,8 +170,9 @@ def data_plate(x: torch.Tensor, num_data: int | None = None,
                       subsample_size=None if index is not None else x.shape[0], dim=-1)
 
 
-def _weighted(kl_weight: torch.Tensor | None):
-    """Scale the sites inside by ``kl_weight`` (nothing if ``None``)."""
+def weighted(kl_weight: torch.Tensor | None):
+    """Scale the latent sites inside by ``kl_weight`` (nothing if ``None``): KL warm-up
+    and beta, for any model that follows :mod:`pyro_vae.models`' protocol."""
     return contextlib.nullcontext() if kl_weight is None else poutine.scale(scale=kl_weight)
 
 
@@ -209,7 +210,7 @@ class TwoLayerVAE(VAE):
         batch = x.shape[0]
         with data_plate(x, num_data, index):
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
-            with _weighted(kl_weight):
+            with weighted(kl_weight):
                 z2 = pyro.sample("z2", prior.to_event(1))
                 loc, z_scale = self.decoder_top(z2)
                 z1 = pyro.sample("z1", dist.Normal(loc, z_scale).to_event(1))
@@ -218,7 +219,7 @@ class TwoLayerVAE(VAE):
     def guide(self, x: torch.Tensor, num_data: int | None = None,
               kl_weight: torch.Tensor | None = None, index: torch.Tensor | None = None
               ) -> None:
-        with data_plate(x, num_data, index), _weighted(kl_weight):
+        with data_plate(x, num_data, index), weighted(kl_weight):
             loc1, scale1 = self.encoder(x)
             z1 = pyro.sample("z1", dist.Normal(loc1, scale1).to_event(1))
             loc2, scale2 = self.encoder_top(z1)

@@ -17,24 +17,33 @@ after validating a batch shape once) a training step then makes no host sync at 
 
 from __future__ import annotations
 
+import math
+
 import torch
+from opt_einsum import shared_intermediates
 from pyro import poutine
 from pyro.distributions import Independent, Normal
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import is_identically_zero, scale_and_mask
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBOModule
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.trace_mean_field_elbo import check_fully_reparametrized
-from pyro.infer.util import is_validation_enabled
+from pyro.infer.traceenum_elbo import _compute_model_factors
+from pyro.infer.util import Dice, MarginalRing, is_validation_enabled
+from pyro.ops import packed
+from pyro.ops.contract import contract_tensor_tree
+from pyro.ops.einsum.adjoint import require_backward
+from pyro.ops.rings import SampleRing
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .estimators import LogWeights, log_mean_exp
 
-__all__ = ["IWAE_ELBO", "Objective", "SyncFreeTraceMeanField_ELBO", "SyncFreeTrace_ELBO",
-           "kl_weight", "learning_rate", "make_elbo"]
+__all__ = ["IWAE_ELBO", "Objective", "SyncFreeTraceEnum_ELBO", "SyncFreeTraceMeanField_ELBO",
+           "SyncFreeTrace_ELBO", "kl_weight", "learning_rate", "make_elbo"]
 
 
 class _SyncFree:
@@ -115,6 +124,88 @@ class SyncFreeTraceMeanField_ELBO(_SyncFree, TraceMeanField_ELBO):
                     check_fully_reparametrized(guide_site)
                 elbo = elbo - guide_site["score_parts"].entropy_term.sum()
         return -elbo
+
+
+class SyncFreeTraceEnum_ELBO(TraceEnum_ELBO):
+    """:class:`~pyro.infer.TraceEnum_ELBO` (discrete latents summed out by enumeration)
+    whose ``differentiable_loss`` makes no host sync; the same estimator, value and gradient.
+
+    Pyro's version tests the loss for NaN on the host, and its Dice expectation reads back
+    whether any enumerated value has probability zero (``mask.all()``) to drop those terms
+    with a data-dependent ``masked_select``. Here such terms are zeroed in place with
+    ``where`` (``0 * cost`` where the probability is 0, even for an infinite cost), which
+    keeps every shape static: the step traces into a graph and a CUDA graph captures it.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbo = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo = elbo + _dice_elbo(model_trace, guide_trace)
+        return -elbo / self.num_particles
+
+
+def _dice_elbo(model_trace, guide_trace) -> torch.Tensor:
+    """``pyro.infer.traceenum_elbo._compute_dice_elbo`` with :class:`_StaticDice`."""
+    marginal_costs, log_factors, ordering, sum_dims, scale = _compute_model_factors(
+        model_trace, guide_trace)
+    if log_factors:
+        dim_to_size = {}
+        for terms in log_factors.values():
+            for term in terms:
+                dim_to_size.update(zip(term._pyro_dims, term.shape))
+        with shared_intermediates() as cache:
+            ring = SampleRing(cache=cache, dim_to_size=dim_to_size)
+            log_factors = contract_tensor_tree(log_factors, sum_dims, ring=ring)
+        for t, terms in log_factors.items():
+            marginal_costs.setdefault(t, []).extend(
+                packed.scale_and_mask(term, scale=scale) for term in terms)
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample":
+            marginal_costs.setdefault(ordering[name], []).append(
+                packed.neg(site["packed"]["log_prob"]))
+    return _StaticDice(guide_trace, ordering).compute_expectation(marginal_costs)
+
+
+class _StaticDice(Dice):
+    """Pyro's :class:`~pyro.infer.util.Dice` with static shapes: terms of probability 0
+    are zeroed with ``where``, not dropped with ``masked_select`` after a host read."""
+
+    def compute_expectation(self, costs):
+        with shared_intermediates() as cache:
+            ring = MarginalRing(cache=cache)
+            expected_cost = 0.0
+            for ordinal, cost_terms in costs.items():
+                log_factors = self._get_log_factors(ordinal)
+                scale = math.exp(sum(x for x in log_factors if not torch.is_tensor(x)))
+                log_factors = [x for x in log_factors if torch.is_tensor(x)]
+                queries = {frozenset(cost._pyro_dims): None for cost in cost_terms}
+                for log_factor in log_factors:
+                    key = frozenset(log_factor._pyro_dims)
+                    if queries.get(key, False) is None:
+                        queries[key] = log_factor
+                for cost in cost_terms:
+                    key = frozenset(cost._pyro_dims)
+                    if queries[key] is None:
+                        query = torch.zeros_like(cost)
+                        query._pyro_dims = cost._pyro_dims
+                        log_factors.append(query)
+                        queries[key] = query
+                sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
+                for query in queries.values():
+                    require_backward(query)
+                root = ring.sumproduct(log_factors, sum_dims)
+                root._pyro_backward()
+                probs = {key: query._pyro_backward_result.exp()
+                         for key, query in queries.items()}
+                for cost in cost_terms:
+                    key = frozenset(cost._pyro_dims)
+                    prob = probs[key]
+                    prob._pyro_dims = queries[key]._pyro_dims
+                    cost, prob = packed.broadcast_all(cost, prob)
+                    cost = torch.where(prob > 0, cost, 0.0)
+                    expected_cost = expected_cost + scale * torch.tensordot(
+                        prob, cost, dims=prob.dim())
+        return expected_cost
 
 
 def _latent_sites(trace) -> list[str]:
@@ -207,10 +298,19 @@ def _detached(fn):
 _ELBOS = {"trace": SyncFreeTrace_ELBO, "meanfield": SyncFreeTraceMeanField_ELBO}
 
 
-def make_elbo(config: TrainConfig):
+def make_elbo(config: TrainConfig, enumerated: bool = False):
     """The objective of ``config``: the sync-free Pyro ELBO named by ``config.elbo`` with
     its particles, or the IWAE bound (``config.objective = "iwae"``, ``K`` particles,
-    DReG with ``config.dreg``)."""
+    DReG with ``config.dreg``). ``enumerated``: the guide has discrete sites marked for
+    parallel enumeration, summed out exactly by the sync-free ``TraceEnum_ELBO``."""
+    if enumerated:
+        if config.objective != "elbo" or config.elbo != "trace":
+            raise ConfigError("this model sums its discrete latents out by enumeration "
+                              "(TraceEnum_ELBO), which has no IWAE or analytic-KL form; "
+                              "set {train.objective=elbo} and {train.elbo=trace}")
+        return SyncFreeTraceEnum_ELBO(num_particles=config.num_particles,
+                                      vectorize_particles=config.num_particles > 1,
+                                      max_plate_nesting=1)
     if config.objective == "iwae":
         return IWAE_ELBO(num_particles=config.num_particles, dreg=config.dreg)
     return _ELBOS[config.elbo](

@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .errors import ConfigError
 from .estimators import fixed_noise
 from .latents import interpolations, kl_per_dimension, prior_quantiles, traversals
 from .model import VAE
@@ -284,20 +285,96 @@ def interpolation_grid(vae: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps
         "Interpolations between the posterior means of two test images, t = 0..1", about))
 
 
+@torch.no_grad()
+def conditional_generation(vae, x: torch.Tensor, about: str | None = None) -> Figure:
+    """Kingma et al.'s (2014) figure for a model with classes: each row keeps the style of
+    one test image (first column) and draws it as every class (``vae.analogies``)."""
+    drawn = vae.analogies(x).cpu()  # (R, C, D)
+    rows = torch.cat([x.cpu().unsqueeze(1), drawn], 1)
+    columns = ["image", *(str(c) for c in range(drawn.shape[1]))]
+    return _image_rows(rows, [f"test {i}" for i in range(len(x))], columns, _with(
+        "Conditional generation: the style z of each test image, drawn as every class y",
+        about))
+
+
+def confusion_matrix(predicted, true, num_classes: int | None = None, ax: Axes | None = None,
+                     about: str | None = None) -> Figure:
+    """Counts of (true class, predicted class), with the accuracy in the title."""
+    predicted, true = np.asarray(predicted), np.asarray(true)
+    c = num_classes or int(max(predicted.max(initial=0), true.max(initial=0))) + 1
+    counts = np.zeros((c, c), dtype=int)
+    np.add.at(counts, (true, predicted), 1)
+    fig, ax = _axes(ax, (5.4, 4.8))
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="images")
+    top = counts.max(initial=0)
+    for (i, j), n in np.ndenumerate(counts):
+        if n:
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=6,
+                    color="white" if n > top / 2 else "black")
+    ax.set_xticks(range(c))
+    ax.set_yticks(range(c))
+    ax.set_xlabel("predicted class (argmax q(y | x))")
+    ax.set_ylabel("true class")
+    accuracy = float((predicted == true).mean()) if len(true) else float("nan")
+    ax.set_title(_title(_with(f"Confusion matrix, {len(true)} test images, accuracy "
+                              f"{accuracy:.4f}", about), 5.4), fontsize=10)
+    return fig
+
+
+def accuracy_curves(metrics: Sequence[dict], ax: Axes | None = None,
+                    about: str | None = None) -> Figure:
+    """Test (and validation) accuracy of the model's classifier against epoch."""
+    fig, ax = _axes(ax, (5.5, 3.6))
+    epochs = [r["epoch"] for r in metrics]
+    for key, style, label in [("test_accuracy", "s-", "test"),
+                              ("validation_accuracy", "o-", "validation")]:
+        if any(key in r for r in metrics):
+            ax.plot(epochs, [r.get(key, np.nan) for r in metrics], style, label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("accuracy of argmax q(y | x)")
+    ax.set_title(_title(_with("Classification accuracy (higher is better)", about), 5.5),
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 FIGURE_KINDS = ("reconstructions", "samples", "curves", "latent", "manifold", "traversals",
-                "interpolations")
+                "interpolations", "accuracy", "confusion", "conditional")
+
+# what each figure asks of the model (the optional methods of pyro_vae.models' protocol)
+_NEEDS = {"reconstructions": ("reconstruct",), "samples": ("sample_prior",), "curves": (),
+          "latent": ("encode",), "manifold": ("decode",),
+          "traversals": ("encode", "decode"), "interpolations": ("encode", "decode"),
+          "accuracy": ("classify",), "confusion": ("classify",),
+          "conditional": ("analogies",)}
+
+
+def figure_kinds(vae) -> tuple[str, ...]:
+    """The figure kinds a model supports: those whose methods it has."""
+    return tuple(k for k in FIGURE_KINDS if all(hasattr(vae, m) for m in _NEEDS[k]))
 
 
 @torch.no_grad()
 def run_figures(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor,
                 metrics: Sequence[dict] = (), kinds: Sequence[str] | None = None,
                 num_images: int = 2000, about: str | None = None) -> dict[str, Figure]:
-    """All figures of a trained run (or the ``kinds`` named, from :data:`FIGURE_KINDS`),
-    by file stem; ``about`` (e.g. the run and its likelihood) ends every title."""
-    kinds = set(kinds or FIGURE_KINDS)
-    unknown = kinds - set(FIGURE_KINDS)
+    """All figures of a trained run that its model supports (:func:`figure_kinds`), or the
+    ``kinds`` named, by file stem; ``about`` (e.g. the run and its likelihood) ends every
+    title."""
+    unknown = set(kinds or ()) - set(FIGURE_KINDS)
     if unknown:
         raise ValueError(f"unknown figure kinds {sorted(unknown)}; choose from {FIGURE_KINDS}")
+    supported = figure_kinds(vae)
+    lacking = [k for k in kinds or () if k not in supported]
+    if lacking:
+        methods = sorted({m for k in lacking for m in _NEEDS[k] if not hasattr(vae, m)})
+        raise ConfigError(f"figure {lacking[0]} needs a model with {', '.join(methods)}(); "
+                          f"{type(vae).__name__} has none; its figures are: "
+                          f"{', '.join(supported)}")
+    kinds = set(kinds or supported)
     figures: dict[str, Figure] = {}
     vae.eval()
     if "reconstructions" in kinds:
@@ -320,6 +397,14 @@ def run_figures(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor,
         pairs = min(3, len(test_x) // 2)
         figures["interpolations"] = interpolation_grid(
             vae, test_x[:pairs], test_x[pairs : 2 * pairs], about=about)
+    if "accuracy" in kinds and any("test_accuracy" in r for r in metrics):
+        figures["accuracy"] = accuracy_curves(metrics, about=about)
+    if "confusion" in kinds:
+        predicted = torch.cat([vae.classify(xb).argmax(-1) for xb in test_x.split(1000)])
+        figures["confusion"] = confusion_matrix(predicted.cpu().numpy(), test_y.cpu().numpy(),
+                                                about=about)
+    if "conditional" in kinds:
+        figures["conditional"] = conditional_generation(vae, test_x[:8], about=about)
     return figures
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 # purposes: the first element of each child's spawn key (never reorder; append new ones)
-_PROCESS, _EPOCH_ORDER, _RANK_EPOCH, _STATIC, _TEST, _TRAIN_EVAL, _ELBO, _IMPORTANCE = range(8)
+(_PROCESS, _EPOCH_ORDER, _RANK_EPOCH, _STATIC, _TEST, _TRAIN_EVAL, _ELBO, _IMPORTANCE,
+ _LABELS, _VALIDATION) = range(10)
 
 
 def _child(seed: int, *key: int) -> int:
@@ -61,3 +62,13 @@ def elbo_noise(seed: int) -> int:
 def importance_noise(seed: int) -> int:
     """The importance samples of ``log p(x)`` estimates."""
     return _child(seed, _IMPORTANCE)
+
+
+def label_choice(seed: int) -> int:
+    """Which training labels a semi-supervised run keeps (``DataConfig.labels``)."""
+    return _child(seed, _LABELS)
+
+
+def validation_binarization(binarize_seed: int) -> int:
+    """The fixed binarization of the held-out validation images (``DataConfig.validation``)."""
+    return _child(binarize_seed, _VALIDATION)

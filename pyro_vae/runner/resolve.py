@@ -19,7 +19,7 @@ from ..config import RunConfig
 from ..data import Dataset, binarize, check_pixels, load_dataset
 from ..errors import ConfigError, get_logger
 from ..likelihoods import Likelihood, get_likelihood, likelihood_module
-from ..model import VAE, TwoLayerVAE
+from ..models import build_model, get_model, model_module
 from ..networks import get_network, network_module
 
 log = get_logger(__name__)
@@ -72,20 +72,16 @@ def check_config(config: RunConfig) -> RunConfig:
     # a network this process lacks fails here, naming the module the run recorded
     get_network(config.model.network, config.model.network_module)
     config.model.network_module = network_module(config.model.network)
+    kind = get_model(config.model.name, config.model.model_module)
+    kind.check_options(config.model.model_options)
+    config.model.model_module = model_module(config.model.name)
     return config
 
 
-def build_vae(config: RunConfig) -> VAE:
-    """The VAE described by a resolved :class:`RunConfig` (as saved in a run folder)."""
-    m = config.model
-    network = get_network(m.network, m.network_module)
-    common = dict(x_dim=m.x_dim, z_dim=m.z_dim, hidden_dims=m.hidden_dims,
-                  activation=m.activation, likelihood_options=m.likelihood_options,
-                  network=network)
-    if m.stochastic_layers == 2:
-        return TwoLayerVAE(likelihood_for(config), z1_dim=m.z1_dim,
-                           top_hidden_dims=m.top_hidden_dims, **common)
-    return VAE(likelihood_for(config), **common)
+def build_vae(config: RunConfig):
+    """The model described by a resolved :class:`RunConfig` (as saved in a run folder):
+    a :class:`~pyro_vae.model.VAE` or any model registered in :mod:`pyro_vae.models`."""
+    return build_model(config.model, likelihood_for(config))
 
 
 @dataclass
@@ -100,10 +96,20 @@ class Splits:
     data: Dataset  # the data set as loaded (CPU, gray-scale), with labels
     train_x: torch.Tensor  # (N, D)
     test_x: torch.Tensor  # (M, D)
+    valid_x: torch.Tensor | None = None  # (V, D): DataConfig.validation held-out images
 
     @property
     def test_y(self) -> torch.Tensor:
         return self.data.test_y
+
+    @property
+    def train_y(self) -> torch.Tensor:
+        """The labels of ``train_x`` (CPU), the validation images left out."""
+        return self.data.train_y[len(self.data.train_y) - len(self.train_x):]
+
+    @property
+    def valid_y(self) -> torch.Tensor | None:
+        return None if self.valid_x is None else self.data.train_y[: len(self.valid_x)]
 
 
 def resolve(config: RunConfig, device: torch.device) -> Splits:
@@ -124,15 +130,22 @@ def resolve(config: RunConfig, device: torch.device) -> Splits:
                     "which is not normalized: the ELBO is then not a bound on a "
                     "log-likelihood", config.model.likelihood, likelihood.name)
     seed = config.data.binarize_seed
+    held_out = config.data.validation
+    if held_out >= len(data.train_x):
+        raise ConfigError(f"{{data.validation}} holds out {held_out} images, but the "
+                          f"training set has {len(data.train_x)}; hold out fewer")
     train_x, test_x = data.train_x, data.test_x
     if mode == "static":
         train_x = binarize(train_x, seeds.static_binarization(seed))
     if mode != "none":
         test_x = binarize(test_x, seeds.test_binarization(seed))
-    train_x, test_x = train_x.to(device), test_x.to(device)
+    valid_x, train_x = train_x[:held_out], train_x[held_out:]
+    if mode == "dynamic":  # scored like the test set: one fixed binarization
+        valid_x = binarize(valid_x, seeds.validation_binarization(seed))
+    train_x, test_x, valid_x = train_x.to(device), test_x.to(device), valid_x.to(device)
     if mode == "dynamic":
         check_pixels(train_x, "training data")
     else:
         likelihood.check_support(train_x, "training data")
     likelihood.check_support(test_x, "test data")
-    return Splits(data, train_x, test_x)
+    return Splits(data, train_x, test_x, valid_x if held_out else None)

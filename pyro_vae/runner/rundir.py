@@ -40,10 +40,11 @@ log = get_logger(__name__)
 CONFIG, METRICS, CHECKPOINT, FIGURES = "config.json", "metrics.jsonl", "checkpoint.pt", "figures"
 TENSORBOARD = "tensorboard"  # TensorBoard events, with TrainConfig.tensorboard
 LOCK = ".lock"  # held (flock) by the one process that writes the folder
+LABELS = "labels.json"  # which training labels a run that learns from labels kept
 # what a run writes besides the above; a replaced run loses these too
-_OUTPUTS = ("eval.json", "diagnostics.json")
+_OUTPUTS = ("eval.json", "diagnostics.json", LABELS)
 # temporary files of writes that a killed process left behind
-_STALE = (".checkpoint.pt.*.tmp", "config.json.tmp", "metrics.jsonl.tmp")
+_STALE = (".checkpoint.pt.*.tmp", "config.json.tmp", "metrics.jsonl.tmp", "labels.json.tmp")
 
 
 class RunDir:
@@ -145,6 +146,13 @@ class RunDir:
         tmp = self.config.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         os.replace(tmp, self.config)
+
+    def write_labels(self, indices: list[int], seed: int) -> None:
+        """Record the positions of the training images whose labels the run uses."""
+        tmp = self.path / (LABELS + ".tmp")
+        tmp.write_text(json.dumps({"seed": seed, "count": len(indices),
+                                   "indices": indices}) + "\n")
+        os.replace(tmp, self.path / LABELS)
 
     def read_config(self) -> RunConfig:
         """The run's settings, checked; :class:`CheckpointError` if missing or broken."""

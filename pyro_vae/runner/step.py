@@ -61,19 +61,21 @@ def finite(loss: torch.Tensor, grads) -> torch.Tensor:
     return torch.isfinite(total)
 
 
-def _adam(params, lr: torch.Tensor, eps: float, capturable: bool) -> torch.optim.Adam:
+def _adam(params, lr: torch.Tensor, eps: float, beta1: float, capturable: bool
+          ) -> torch.optim.Adam:
     """Adam with the fastest implementation torch has for the device (same update rule)."""
+    options = dict(lr=lr, eps=eps, betas=(beta1, 0.999), capturable=capturable)
     try:
-        return torch.optim.Adam(params, lr=lr, eps=eps, capturable=capturable, fused=True)
+        return torch.optim.Adam(params, fused=True, **options)
     except (RuntimeError, ValueError):  # no fused Adam for this device or torch
         log.info("no fused Adam here; using torch's single-tensor Adam")
-        return torch.optim.Adam(params, lr=lr, eps=eps, capturable=capturable, foreach=False)
+        return torch.optim.Adam(params, foreach=False, **options)
 
 
 class Trainer:
     """Minimizes ``objective(x, index)`` (an ``nn.Module`` whose forward is a scalar loss,
-    e.g. :class:`~pyro_vae.objective.Objective`) with Adam (``lr``, ``eps``) over its
-    parameters that require gradients.
+    e.g. :class:`~pyro_vae.objective.Objective`) with Adam (``lr``, ``eps``, ``beta1``) over
+    its parameters that require gradients.
 
     ``fast``: replay the step as a traced graph (CPU) or a CUDA graph; eager otherwise, and
     under DDP (``module``: the objective wrapped in ``DistributedDataParallel``, whose hooks
@@ -83,7 +85,7 @@ class Trainer:
 
     def __init__(self, objective: nn.Module, lr: float, *, fast: bool = True,
                  nan_policy: str = "stop", module: nn.Module | None = None,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, beta1: float = 0.9):
         self.objective, self.module = objective, module or objective
         self.skip_nonfinite = nan_policy == "skip"
         self.params = [p for p in objective.parameters() if p.requires_grad]
@@ -94,7 +96,7 @@ class Trainer:
             log.info("eager training steps: %s", "DDP averages gradients in its own hooks"
                      if module is not None else f"no fast step on {self.device.type}")
         self.lr = torch.tensor(float(lr), device=self.device)
-        self.optimizer = _adam(self.params, self.lr, eps, self.mode == "cuda-graph")
+        self.optimizer = _adam(self.params, self.lr, eps, beta1, self.mode == "cuda-graph")
         self._validated: set[tuple] = set()
         self._replays: dict[tuple, object] = {}
 

@@ -23,10 +23,11 @@ from .. import seeds
 from ..config import RunConfig
 from ..data import DeviceBatches
 from ..errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged, get_logger
-from ..estimators import elbo_terms, importance_log_likelihood
+from ..estimators import correct, elbo_terms, importance_log_likelihood
 from ..objective import Objective, kl_weight, learning_rate, make_elbo
 from ..progress import Progress
 from ..registry import MAIN
+from ..semisupervised import partial_labels
 from ..tracking import TensorBoard, check_available
 from .distributed import Context, init_from_env
 from .resolve import build_vae, check_config, resolve, resolve_device
@@ -114,6 +115,7 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     splits = resolve(config, device)
     pyro.set_rng_seed(seeds.process(config.train.seed, ctx.rank))  # noise per rank
     vae = build_vae(config).to(device)
+    labelled = _give_labels(config, vae, splits)
     with contextlib.ExitStack() as held:
         failure = None
         if writer is not None:
@@ -127,7 +129,24 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
                 failure = e
         if ctx.any(failure is not None, device):
             raise failure or RunDirError("rank 0 could not use the run folder; see its message")
+        if writer is not None and labelled is not None:
+            writer.write_labels(labelled, config.train.seed)
         return _fit(config, ctx, device, run_dir, writer, splits, vae, state, progress)
+
+
+def _give_labels(config: RunConfig, vae, splits) -> list[int] | None:
+    """Hand a model that learns from labels (``set_labels``) the training labels it may
+    use; return their positions (``None`` for other models)."""
+    if not hasattr(vae, "set_labels"):
+        if config.data.labels is not None:
+            raise ConfigError(f"{{data.labels}} keeps labels for models that learn from them "
+                              f"(m2); model '{config.model.name}' does not; leave it out")
+        return None
+    labels = partial_labels(splits.train_y, config.data.labels, config.train.seed)
+    vae.set_labels(labels)
+    indices = (labels >= 0).nonzero().flatten().tolist()
+    log.info("%d of %d training images labelled", len(indices), len(labels))
+    return indices
 
 
 def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
@@ -136,9 +155,11 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     """Build objective and trainer, restore a checkpoint, run the epochs."""
     num_data = len(splits.train_x)
     weighted = config.train.kl_warmup > 0 or config.train.beta != 1
-    objective = Objective(vae, make_elbo(config.train), num_data, weighted_kl=weighted)
+    elbo = make_elbo(config.train, enumerated=getattr(vae, "enumerated", False))
+    objective = Objective(vae, elbo, num_data, weighted_kl=weighted)
     trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
                       nan_policy=config.train.nan_policy, eps=config.train.adam_eps,
+                      beta1=config.train.adam_beta1,
                       module=ctx.wrap(objective, device) if ctx.distributed else None)
     history: list[dict] = []
     start_epoch, partial = 0, None
@@ -158,7 +179,6 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     batches = DeviceBatches(splits.train_x, config.train.batch_size,
                             dynamic=config.data.binarize == "dynamic",
                             seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size)
-    test_x = splits.test_x[ctx.rank :: ctx.world_size]
     run = Run(run_dir.path if run_dir else None, config, vae, history, splits)
     # a bar on a terminal; elsewhere the per-epoch log line is the progress
     show = "bar" if ctx.is_main and progress is not False else False
@@ -208,8 +228,7 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             if done.skipped_steps:
                 log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or "
                             "gradient", epoch, done.skipped_steps, len(batches))
-            record = _record(epoch, done, vae, test_x, batches, ctx, config,
-                             len(splits.test_x))
+            record = _record(epoch, done, vae, splits, batches, ctx, config)
             history.append(record)
             if writer is not None:
                 writer.append_metrics(record)
@@ -300,19 +319,39 @@ def _restore(state: TrainingState, vae, trainer: Trainer, run_dir: RunDir, lr: f
         trainer.set_lr(lr)
 
 
-def _record(epoch, done: EpochProgress, vae, test_x, batches, ctx, config,
-            num_test: int) -> dict:
-    """The epoch's metrics line: the test ELBO, then one read of every sum, summed over
-    ranks (one transfer per epoch)."""
+def _record(epoch, done: EpochProgress, vae, splits, batches, ctx, config) -> dict:
+    """The epoch's metrics line: the test ELBO (and accuracy, validation scores where the
+    model and data have them), then one read of every sum, summed over ranks (one transfer
+    per epoch)."""
     t = config.train
+    test_x = splits.test_x[ctx.rank :: ctx.world_size]
+    num_test = len(splits.test_x)
     terms = elbo_terms(vae, test_x, t.eval_batch_size, seed=seeds.elbo_noise(t.seed))
     test = torch.stack([terms.elbo.sum(), terms.log_likelihood.sum(), terms.kl.sum()])
     parts = [done.loss_sum.reshape(1), test,
              torch.tensor([float(done.skipped_steps)], device=test.device)]
+    extra = {}  # metric name -> (index into parts' sums, divisor)
+
+    def add(name: str, total: torch.Tensor, count: int) -> None:
+        extra[name] = (sum(len(p) for p in parts), count)
+        parts.append(total.reshape(1))
+
     if t.objective == "iwae":  # the bound trained, on the test set, with the same K
-        parts.append(importance_log_likelihood(
+        add("test_iwae", importance_log_likelihood(
             vae, test_x, t.num_particles, batch_size=max(1, t.eval_batch_size // 10),
-            seed=seeds.importance_noise(t.seed)).sum().reshape(1))
+            seed=seeds.importance_noise(t.seed)).sum(), num_test)
+    if hasattr(vae, "classify"):
+        test_y = splits.test_y[ctx.rank :: ctx.world_size].to(test_x.device)
+        add("test_accuracy", correct(vae, test_x, test_y, t.eval_batch_size), num_test)
+    if splits.valid_x is not None:
+        valid_x = splits.valid_x[ctx.rank :: ctx.world_size]
+        add("validation_elbo", elbo_terms(vae, valid_x, t.eval_batch_size,
+                                          seed=seeds.elbo_noise(t.seed)).elbo.sum(),
+            len(splits.valid_x))
+        if hasattr(vae, "classify"):
+            valid_y = splits.valid_y[ctx.rank :: ctx.world_size].to(valid_x.device)
+            add("validation_accuracy", correct(vae, valid_x, valid_y, t.eval_batch_size),
+                len(splits.valid_x))
     sums = ctx.sum(torch.cat(parts)).tolist()
     loss_sum, elbo_sum, lik_sum, kl_sum, skipped = sums[:5]
     trained = batches.num_local * ctx.world_size - skipped * batches.batch_size
@@ -322,7 +361,7 @@ def _record(epoch, done: EpochProgress, vae, test_x, batches, ctx, config,
     # exact unless a last, smaller batch was skipped; None if nothing was trained
     optimized = -loss_sum / trained if trained > 0 else None
     weight = kl_weight(t, epoch)
-    plain = t.objective == "elbo" and weight == 1
+    plain = t.objective == "elbo" and weight == 1 and not getattr(vae, "auxiliary_loss", False)
     record = {
         "epoch": epoch,
         # the true ELBO where it is what was optimized; else see train_objective
@@ -335,10 +374,11 @@ def _record(epoch, done: EpochProgress, vae, test_x, batches, ctx, config,
         "skipped_steps": int(skipped),
     }
     if not plain:
-        # what was optimized: the KL-weighted ELBO, or the IWAE bound (per image)
+        # what was optimized: the KL-weighted ELBO, the IWAE bound, or the ELBO plus a
+        # model's auxiliary loss (per image)
         record["train_objective"] = optimized
-    if t.objective == "iwae":
-        record["test_iwae"] = sums[5] / num_test
+    for name, (at, count) in extra.items():
+        record[name] = sums[at] / count
     if weight != 1:
         record["kl_weight"] = weight
     return record
