@@ -74,7 +74,9 @@ class TensorBoard:
                          ("speed/images_per_second", "images_per_second"),
                          ("optim/skipped_steps", "skipped_steps"),
                          ("objective/train", "train_objective"), ("test/iwae", "test_iwae"),
-                         ("optim/kl_weight", "kl_weight")]:
+                         ("optim/kl_weight", "kl_weight"), ("test/accuracy", "test_accuracy"),
+                         ("validation/elbo", "validation_elbo"),
+                         ("validation/accuracy", "validation_accuracy")]:
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], step)
         self.writer.add_scalar("optim/lr", lr, step)
@@ -89,20 +91,24 @@ class TensorBoard:
         self.flush()
 
     def _pictures(self, vae: VAE, test_x: torch.Tensor, step: int, seed: int) -> None:
-        x = test_x[:16]
-        pairs = torch.stack([x, vae.reconstruct(x)])  # (2, 16, D)
-        self.writer.add_image("reconstructions", _grid(pairs.cpu()), step)
-        with fixed_noise(seed, x.device):
-            samples = vae.sample_prior(64).mean.reshape(8, 8, -1)
-        self.writer.add_image("samples", _grid(samples.cpu()), step)
-        pool = test_x[:1000]
-        kl = kl_per_dimension(vae, pool)
-        dims = kl.argsort(descending=True)[:8].tolist()
-        images = traversals(vae, test_x[0], dims, prior_quantiles(9, device=x.device))
-        self.writer.add_image("traversals", _grid(images.cpu()), step)
-        means = vae.encode(pool).loc.cpu()
-        for d in range(min(vae.z_dim, MAX_HISTOGRAMS)):
-            self.writer.add_histogram(f"posterior_mean/z_{d + 1}", means[:, d], step)
+        """Each picture the model has the methods for (pyro_vae.models' protocol)."""
+        x, pool = test_x[:16], test_x[:1000]
+        if hasattr(vae, "reconstruct"):
+            pairs = torch.stack([x, vae.reconstruct(x)])  # (2, 16, D)
+            self.writer.add_image("reconstructions", _grid(pairs.cpu()), step)
+        if hasattr(vae, "sample_prior"):
+            with fixed_noise(seed, x.device):
+                samples = vae.sample_prior(64).mean.reshape(8, 8, -1)
+            self.writer.add_image("samples", _grid(samples.cpu()), step)
+        if hasattr(vae, "encode") and hasattr(vae, "decode"):
+            kl = kl_per_dimension(vae, pool)
+            dims = kl.argsort(descending=True)[:8].tolist()
+            images = traversals(vae, test_x[0], dims, prior_quantiles(9, device=x.device))
+            self.writer.add_image("traversals", _grid(images.cpu()), step)
+        if hasattr(vae, "encode"):
+            means = vae.encode(pool).loc.cpu()
+            for d in range(min(vae.z_dim, MAX_HISTOGRAMS)):
+                self.writer.add_histogram(f"posterior_mean/z_{d + 1}", means[:, d], step)
 
     def evaluation(self, result: dict) -> None:
         """An evaluation's results (``pyro_vae.evaluate_run``), at the run's epoch."""

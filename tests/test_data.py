@@ -152,6 +152,25 @@ def test_device_batches_visit_every_image_once_per_epoch():
     torch.testing.assert_close(tail.squeeze(1), x[perm[4:]].squeeze(1))
 
 
+def test_images_apart_come_in_batches_of_their_own_spread_through_the_epoch():
+    x = torch.arange(1000.0).unsqueeze(1)
+    apart = torch.zeros(1000, dtype=torch.bool)
+    apart[::7] = True  # 143 labelled images: batches of 100 and 43 among 5 others
+    batches = DeviceBatches(x, batch_size=100, seed=2, apart=apart)
+    assert len(batches) == 11
+    perm = batches.permutation(1)
+    assert sorted(perm.tolist()) == list(range(1000))
+    kinds = [bool(apart[index].all()) if apart[index].any() else False
+             for index in batches.indices(perm)]
+    for index in batches.indices(perm):
+        assert apart[index].all() or not apart[index].any()  # never mixed
+    assert sum(kinds) == 2 and not kinds[0] and not kinds[-1]  # spread, not at the ends
+    assert not torch.equal(perm, batches.permutation(2))
+    assert torch.equal(perm, DeviceBatches(x, 100, seed=2, apart=apart).permutation(1))
+    tail = torch.cat(list(batches.indices(perm, start=3)))  # a resume at batch 3
+    assert torch.equal(tail, perm[batches.offsets[3]:])
+
+
 def test_dynamic_binarization_draws_fresh_images():
     x = torch.full((50, 784), 0.5)
     batches = DeviceBatches(x, batch_size=50, dynamic=True)

@@ -144,3 +144,94 @@ def test_an_unknown_name_says_which_module_the_run_recorded():
         pyro_vae.get_likelihood("nowhere", "their_module")
     with pytest.raises(NotRegisteredError, match="must be one of: bernoulli"):
         pyro_vae.get_likelihood("nowhere")
+
+
+STUDENT_MODULE = textwrap.dedent('''
+    """A user's model (tests/test_plugins.py writes this file): a VAE whose prior is a
+    Student-t, written as a Pyro model and guide under pyro-vae's model protocol."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    from pyro_vae import register_model
+    from pyro_vae.model import data_plate, weighted
+    from pyro_vae.networks import Decoder, Encoder
+
+
+    class StudentVAE(nn.Module):
+        def __init__(self, x_dim, z_dim, hidden, likelihood, df):
+            super().__init__()
+            self.x_dim, self.z_dim, self.likelihood, self.df = x_dim, z_dim, likelihood, df
+            self.encoder = Encoder(x_dim, hidden, z_dim, "relu")
+            self.decoder = Decoder(z_dim, hidden, x_dim, likelihood.num_params, "relu")
+
+        def model(self, x, num_data=None, kl_weight=None, index=None):
+            with data_plate(x, num_data, index):
+                prior = dist.StudentT(self.df, x.new_zeros(()), x.new_ones(()))
+                with weighted(kl_weight):
+                    z = pyro.sample("z", prior.expand([x.shape[0], self.z_dim]).to_event(1))
+                pyro.sample("x", self.decode(z).to_event(1), obs=x)
+
+        def guide(self, x, num_data=None, kl_weight=None, index=None):
+            with data_plate(x, num_data, index), weighted(kl_weight):
+                pyro.sample("z", self.encode(x).to_event(1))
+
+        def encode(self, x):
+            return dist.Normal(*self.encoder(x))
+
+        def decode(self, z):
+            return self.likelihood.distribution(self.decoder(z))
+
+        def reconstruct(self, x):
+            return self.decode(self.encode(x).loc).mean
+
+        def sample_prior(self, n):
+            p = next(self.parameters())
+            z = dist.StudentT(self.df, p.new_zeros(()), 1.0).sample((n, self.z_dim))
+            return self.decode(z)
+
+
+    @register_model("student-t-test", options={"df": 3.0})
+    def build(config, likelihood, df):
+        """A VAE with a Student-t prior."""
+        return StudentVAE(config.x_dim, config.z_dim, config.hidden_dims, likelihood, df)
+''')
+
+
+@pytest.mark.slow
+def test_a_model_in_the_users_module_works_with_every_command(tmp_path):
+    (tmp_path / "mymodel.py").write_text(STUDENT_MODULE)
+    run = tmp_path / "run"
+    trained = pyro_vae_cli("train", "--import", "mymodel", "--model", "student-t-test",
+                           "--model-option", "df=4", "--epochs", "1", *SMALL, "--out", run,
+                           cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert (config["name"], config["model_module"], config["model_options"]) == (
+        "student-t-test", "mymodel", {"df": 4.0})
+
+    for command in (["evaluate", run], ["plot", run], ["train", "--resume", run]):
+        missing = pyro_vae_cli(*command, cwd=tmp_path)
+        assert missing.returncode == 2
+        assert missing.stderr.strip().splitlines() == [
+            "pyro-vae: error: model 'student-t-test' is registered by module 'mymodel'; "
+            "--import mymodel"]
+
+    for command in (["evaluate", run, "--iwae-samples", "5"],
+                    ["plot", run],
+                    ["sample", run, "-n", "4", "--out", tmp_path / "s.png"],
+                    ["train", "--resume", run, "--epochs", "2"]):
+        done = pyro_vae_cli(*command, "--import", "mymodel", cwd=tmp_path)
+        assert done.returncode == 0, (command, done.stderr)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").open()] == [1, 2]
+    figures = {p.stem for p in (run / "figures").glob("*.png")}
+    assert {"reconstructions", "samples", "latent", "traversals"} <= figures
+    refused = pyro_vae_cli("diagnose", run, "--import", "mymodel", cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    listed = pyro_vae_cli("models", "--import", "mymodel", cwd=tmp_path)
+    assert "student-t-test\n  A VAE with a Student-t prior.\n  options: df=3" in listed.stdout
+    wrong = pyro_vae_cli("train", "--import", "mymodel", "--model", "student-t-test",
+                         "--model-option", "nu=4", *SMALL, "--out", tmp_path / "w",
+                         cwd=tmp_path)
+    assert wrong.returncode == 2 and "options are: df=3" in wrong.stderr
+    assert not (tmp_path / "w").exists()

@@ -7,6 +7,8 @@ import pyro
 import pytest
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO, trace_elbo, trace_mean_field_elbo
 from pyro.infer import elbo as pyro_elbo
+from pyro.infer import traceenum_elbo
+from pyro.infer import util as infer_util
 
 # (what, object, the parameters pyro-vae passes it, in order)
 INTERNALS = [
@@ -24,6 +26,12 @@ INTERNALS = [
      ["self", "model", "guide", "elbo"]),
     ("TraceMeanField_ELBO", TraceMeanField_ELBO,
      ["self", "num_particles", "max_plate_nesting"]),
+    ("pyro.infer.traceenum_elbo._compute_model_factors",
+     getattr(traceenum_elbo, "_compute_model_factors", None), ["model_trace", "guide_trace"]),
+    ("pyro.infer.util.Dice", getattr(infer_util, "Dice", None),
+     ["self", "guide_trace", "ordering"]),
+    ("Dice._get_log_factors", getattr(getattr(infer_util, "Dice", None), "_get_log_factors",
+                                      None), ["self", "target_ordinal"]),
 ]
 
 

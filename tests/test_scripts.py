@@ -30,3 +30,39 @@ def test_likelihood_study_runs_end_to_end(tmp_path):
     text = doc.read_text()
     assert "old" not in text and "| Beta |" in text and "likelihoods_samples" in text
     assert len(list((tmp_path / "figures").glob("*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_the_ss_vae_reproduction_runs_end_to_end_and_resumes(tmp_path):
+    doc = tmp_path / "docs" / "semi-supervised.md"
+    command = [sys.executable, "-m", "scripts.reproduce_ss_vae", "--dataset", "mnist-sample",
+               "--validation", "500", "--labels", "100", "--draws", "2",
+               "--baseline-steps", "100", "--runs", str(tmp_path / "runs"), "--doc", str(doc)]
+    for epochs in ("1", "2"):  # the second call resumes the runs of the first
+        result = subprocess.run([*command, "--epochs", epochs], capture_output=True,
+                                text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "docs" / "results" / "ss_vae.json").read_text())
+    runs = data["results"]["100"]
+    assert [r["epochs"] for r in runs] == [2, 2] and [r["seed"] for r in runs] == [0, 1]
+    assert all(0 <= r["test_accuracy"] <= 1 and 0 <= r["baseline"]["test_accuracy"] <= 1
+               for r in runs)
+    text = doc.read_text()
+    assert "| 100 | 0.9319 (0.0060) | 0.8803 |" in text and "2 of Pyro's 50 epochs" in text
+    assert {p.name for p in (tmp_path / "docs" / "figures").glob("*.png")} == {
+        "ss_vae_accuracy.png", "ss_vae_confusion.png", "ss_vae_conditional.png",
+        "ss_vae_curves.png"}
+
+
+@pytest.mark.slow
+def test_the_ss_vae_benchmark_times_pyros_loop_and_ours(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark_ss_vae", "--dataset", "mnist-sample",
+         "--steps", "2", "--repeats", "1", "--doc", str(doc)],
+        capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = doc.read_text()
+    for name in ("Pyro's ss_vae_M2 loop", "pyro-vae M2, eager steps",
+                 "pyro-vae M2, traced step (default)"):
+        assert f"| {name} |" in text

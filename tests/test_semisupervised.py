@@ -2,6 +2,7 @@
 equations term by term, the sync-free TraceEnum_ELBO against Pyro's, the enumerated ELBO and
 log p(x) against closed forms, the traced step against the eager one, label choice."""
 
+import json
 import math
 
 import pyro
@@ -12,6 +13,7 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
+import pyro_vae
 from pyro_vae import M2, Objective, SyncFreeTraceEnum_ELBO, Trainer, get_likelihood
 from pyro_vae.estimators import elbo_terms, importance_log_likelihood, log_weights
 from pyro_vae.model import data_plate
@@ -212,3 +214,53 @@ def test_labels_are_balanced_per_class_and_chosen_by_the_seed():
     assert odd.sum() == 23 and set(odd.tolist()) == {2, 3}
     kept = partial_labels(y, 100, seed=0)
     assert (kept >= 0).sum() == 100 and torch.equal(kept[chosen], y[chosen])
+
+
+def m2_config(epochs: int):
+    from .helpers import tiny_config
+    config = tiny_config(epochs=epochs)
+    config.model.name, config.data.labels, config.data.validation = "m2", 30, 64
+    return config
+
+
+def test_m2_trains_resumes_exactly_evaluates_and_draws_its_figures(tmp_path):
+    from .helpers import comparable
+    config = m2_config(2)
+    config.train.tensorboard = True  # its pictures use the methods M2 has
+    straight = pyro_vae.train(config, tmp_path / "a", progress=False)
+    assert list((tmp_path / "a" / "tensorboard").glob("events.*"))
+    pyro_vae.train(m2_config(1), tmp_path / "b", progress=False)
+    resumed = pyro_vae.train(resume=tmp_path / "b", epochs=2, progress=False)
+    assert comparable(straight.metrics) == comparable(resumed.metrics)
+    last = straight.metrics[-1]
+    for key in ("test_accuracy", "validation_accuracy"):
+        assert 0 <= last[key] <= 1
+    # the ELBO plus alpha log q(y|x) was optimized: recorded as the objective, not the ELBO
+    assert last["train_elbo"] is None and last["train_objective"] < 0
+    chosen = json.loads((tmp_path / "a" / "labels.json").read_text())
+    assert chosen["count"] == 30 and chosen["seed"] == 0
+    y = resumed.data.train_y
+    assert torch.bincount(y[chosen["indices"]], minlength=10).tolist() == [3] * 10
+
+    result = pyro_vae.evaluate(tmp_path / "a", iwae_samples=3, device="cpu")
+    assert result["log_px"] >= result["elbo"] - 1.0 and 0 <= result["accuracy"] <= 1
+    paths = pyro_vae.write_figures(tmp_path / "a")
+    assert {p.stem for p in paths} >= {"accuracy", "confusion", "conditional",
+                                       "reconstructions", "samples"}
+    with pytest.raises(pyro_vae.ConfigError, match="decode"):
+        pyro_vae.write_figures(tmp_path / "a", ["traversals"])
+    with pytest.raises(pyro_vae.ConfigError, match="discrete latent"):
+        pyro_vae.diagnose_run(tmp_path / "a", images=1)
+
+
+def test_labels_and_enumeration_are_refused_where_they_do_not_apply(tmp_path):
+    config = m2_config(1)
+    config.model.name = "vae"
+    with pytest.raises(pyro_vae.ConfigError, match="--labels|data.labels"):
+        pyro_vae.train(config, tmp_path / "vae", progress=False)
+    assert not (tmp_path / "vae").exists()
+    config = m2_config(1)
+    config.train.objective, config.train.num_particles = "iwae", 2
+    with pytest.raises(pyro_vae.ConfigError, match="enumeration"):
+        pyro_vae.train(config, tmp_path / "iwae", progress=False)
+    assert not (tmp_path / "iwae").exists()

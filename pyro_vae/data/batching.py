@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import seeds
@@ -38,30 +40,57 @@ class DeviceBatches:
     repeating its first indices) and rank ``r`` takes every ``world_size``-th index from
     ``r`` on: the ranks' ``i``-th batches together form batch ``i`` of a single process
     with batch size ``batch_size * world_size``, and every rank has as many batches.
+
+    ``apart`` (a bool mask over the images, one process only) puts the images it marks in
+    batches of their own, spread evenly through the epoch: how Pyro's ss-vae example and
+    Kingma et al. (2014) present the labelled images of a semi-supervised run.
     """
 
     def __init__(self, x: torch.Tensor, batch_size: int, dynamic: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, apart: torch.Tensor | None = None):
         self.x, self.batch_size, self.dynamic = x, batch_size, dynamic
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_local = -(-len(x) // world_size)  # images per rank and epoch (padded)
+        self.groups = None  # (indices of the apart images, of the others) with ``apart``
+        sizes = [batch_size] * (self.num_local // batch_size) + (
+            [self.num_local % batch_size] if self.num_local % batch_size else [])
+        if apart is not None and apart.any() and not apart.all():
+            if world_size > 1:
+                raise ValueError("batches apart need one process")
+            self.groups = (apart.nonzero().flatten().cpu(), (~apart).nonzero().flatten().cpu())
+            sizes, self._apart_slots = _interleaved([_split(len(g), batch_size)
+                                                     for g in self.groups])
+        self.sizes = sizes
+        self.offsets = [0, *itertools.accumulate(sizes)]
 
     def __len__(self) -> int:
-        return -(-self.num_local // self.batch_size)
+        return len(self.sizes)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """This rank's order of image indices in ``epoch``, on the data's device."""
         generator = torch.Generator().manual_seed(seeds.epoch_order(self.seed, epoch))
+        if self.groups is not None:
+            return self._grouped(generator).to(self.x.device)
         perm = torch.randperm(len(self.x), generator=generator)
         if self.world_size > 1:
             perm = torch.cat([perm, perm[: (-len(perm)) % self.world_size]])
             perm = perm[self.rank :: self.world_size]
         return perm.to(self.x.device)
 
+    def _grouped(self, generator: torch.Generator) -> torch.Tensor:
+        """Each group shuffled, then its batches laid into their slots of the epoch."""
+        apart, rest = (g[torch.randperm(len(g), generator=generator)] for g in self.groups)
+        parts, taken = [], {True: 0, False: 0}
+        for size, is_apart in zip(self.sizes, self._apart_slots):
+            source = apart if is_apart else rest
+            parts.append(source[taken[is_apart] : taken[is_apart] + size])
+            taken[is_apart] += size
+        return torch.cat(parts)
+
     def indices(self, perm: torch.Tensor, start: int = 0):
         """Yield the index tensors of the epoch ordered by ``perm``, from batch ``start`` on."""
-        for i in range(start * self.batch_size, len(perm), self.batch_size):
-            yield perm[i : i + self.batch_size]
+        for i in range(start, len(self.sizes)):
+            yield perm[self.offsets[i] : self.offsets[i + 1]]
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """The batch ``(B, D)`` at ``index``, binarized afresh under dynamic binarization."""
@@ -72,3 +101,22 @@ class DeviceBatches:
         """Yield the batches of the epoch ordered by ``perm``, from batch ``start`` on."""
         for index in self.indices(perm, start):
             yield self.gather(index)
+
+
+def _split(n: int, batch_size: int) -> list[int]:
+    """The sizes of ``n`` images in batches of ``batch_size`` (a smaller last one)."""
+    return [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+
+
+def _interleaved(groups: list[list[int]]) -> tuple[list[int], list[bool]]:
+    """The batch sizes of two groups in one epoch, the first group's batches spread evenly
+    among the second's; and for each slot, whether it holds the first group."""
+    apart, rest = groups
+    slots = len(apart) + len(rest)
+    at = {min(slots - 1, int((k + 0.5) * slots / len(apart))) for k in range(len(apart))}
+    sizes, flags, a, r = [], [], iter(apart), iter(rest)
+    for slot in range(slots):
+        is_apart = slot in at
+        sizes.append(next(a) if is_apart else next(r))
+        flags.append(is_apart)
+    return sizes, flags

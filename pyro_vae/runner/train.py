@@ -115,7 +115,8 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     splits = resolve(config, device)
     pyro.set_rng_seed(seeds.process(config.train.seed, ctx.rank))  # noise per rank
     vae = build_vae(config).to(device)
-    labelled = _give_labels(config, vae, splits)
+    labels = _give_labels(config, vae, splits)
+    elbo = make_elbo(config.train, enumerated=getattr(vae, "enumerated", False))
     with contextlib.ExitStack() as held:
         failure = None
         if writer is not None:
@@ -129,14 +130,15 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
                 failure = e
         if ctx.any(failure is not None, device):
             raise failure or RunDirError("rank 0 could not use the run folder; see its message")
-        if writer is not None and labelled is not None:
-            writer.write_labels(labelled, config.train.seed)
-        return _fit(config, ctx, device, run_dir, writer, splits, vae, state, progress)
+        if writer is not None and labels is not None:
+            writer.write_labels((labels >= 0).nonzero().flatten().tolist(), config.train.seed)
+        return _fit(config, ctx, device, run_dir, writer, splits, vae, elbo, labels, state,
+                    progress)
 
 
-def _give_labels(config: RunConfig, vae, splits) -> list[int] | None:
+def _give_labels(config: RunConfig, vae, splits) -> torch.Tensor | None:
     """Hand a model that learns from labels (``set_labels``) the training labels it may
-    use; return their positions (``None`` for other models)."""
+    use; return them (-1 where unknown; ``None`` for other models)."""
     if not hasattr(vae, "set_labels"):
         if config.data.labels is not None:
             raise ConfigError(f"{{data.labels}} keeps labels for models that learn from them "
@@ -144,18 +146,17 @@ def _give_labels(config: RunConfig, vae, splits) -> list[int] | None:
         return None
     labels = partial_labels(splits.train_y, config.data.labels, config.train.seed)
     vae.set_labels(labels)
-    indices = (labels >= 0).nonzero().flatten().tolist()
-    log.info("%d of %d training images labelled", len(indices), len(labels))
-    return indices
+    log.info("%d of %d training images labelled", int((labels >= 0).sum()), len(labels))
+    return labels
 
 
 def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
-         writer: RunDir | None, splits, vae, state: TrainingState | None,
-         progress: bool | None) -> Run:
-    """Build objective and trainer, restore a checkpoint, run the epochs."""
+         writer: RunDir | None, splits, vae, elbo, labels: torch.Tensor | None,
+         state: TrainingState | None, progress: bool | None) -> Run:
+    """Build objective and trainer, restore a checkpoint, run the epochs. Labelled images
+    (``labels`` >= 0) come in batches of their own, as in Pyro's ss-vae example."""
     num_data = len(splits.train_x)
     weighted = config.train.kl_warmup > 0 or config.train.beta != 1
-    elbo = make_elbo(config.train, enumerated=getattr(vae, "enumerated", False))
     objective = Objective(vae, elbo, num_data, weighted_kl=weighted)
     trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
                       nan_policy=config.train.nan_policy, eps=config.train.adam_eps,
@@ -176,9 +177,14 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     if writer is not None:
         writer.write_config(config)
 
+    apart = None if labels is None else labels >= 0
+    if apart is not None and ctx.distributed:
+        log.info("under torchrun, labelled and unlabelled images share batches")
+        apart = None
     batches = DeviceBatches(splits.train_x, config.train.batch_size,
                             dynamic=config.data.binarize == "dynamic",
-                            seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+                            seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size,
+                            apart=apart)
     run = Run(run_dir.path if run_dir else None, config, vae, history, splits)
     # a bar on a terminal; elsewhere the per-epoch log line is the progress
     show = "bar" if ctx.is_main and progress is not False else False

@@ -1,0 +1,187 @@
+"""Time per epoch of the semi-supervised M2: Pyro's own training loop against pyro-vae's.
+
+The contenders, side by side in one run on the same images and the same networks (z 50,
+one hidden layer of 500, softplus, batch 200, N labelled images out of 50,000):
+
+- **Pyro's loop**, as examples/vae/ss_vae_M2.py runs it: ``SVI`` with ``TraceEnum_ELBO``
+  on ``config_enumerate(guide)`` (one-hot ``y``, the encoder and decoder fed
+  ``[x, y]`` / ``[z, y]``), and a second ``SVI`` with ``Trace_ELBO`` for the auxiliary
+  loss; unlabelled batches get the first step, labelled ones (every ``50,000 / N``-th
+  batch) both. ``SVI.step`` reads each loss back to the host.
+- **pyro-vae, eager**: :class:`~pyro_vae.runner.step.Trainer` with ``fast=False``: Pyro
+  traces model and guide every step (the sync-free ``TraceEnum_ELBO``).
+- **pyro-vae, traced**: the default: the enumerated step replayed as a traced graph.
+
+Each contender runs ``--steps`` steps after a warm-up (tracing included there), timed as
+a median over ``--repeats`` blocks, and is scaled to one epoch (250 steps). Writes a
+section of docs/benchmarks.md:
+
+    python -m scripts.benchmark_ss_vae --data-dir MNIST_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
+from pyro.optim import Adam
+from torch import nn
+
+import pyro_vae
+from pyro_vae.data import load_dataset
+from pyro_vae.objective import Objective, SyncFreeTraceEnum_ELBO
+from pyro_vae.runner.step import Trainer
+from pyro_vae.semisupervised import partial_labels
+from scripts._docs import machine_description, update_section
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCH_STEPS = 250  # 50,000 training images in batches of 200
+
+
+class PyroExampleM2(nn.Module):
+    """The M2 of Pyro's example: one-hot y concatenated to the networks' inputs."""
+
+    def __init__(self, z_dim=50, hidden=500, classes=10, x_dim=784, alpha=46.0):
+        super().__init__()
+        self.z_dim, self.classes, self.alpha = z_dim, classes, alpha
+        self.encoder_y = nn.Sequential(nn.Linear(x_dim, hidden), nn.Softplus(),
+                                       nn.Linear(hidden, classes))
+        self.encoder_z = nn.Sequential(nn.Linear(x_dim + classes, hidden), nn.Softplus(),
+                                       nn.Linear(hidden, 2 * z_dim))
+        self.decoder = nn.Sequential(nn.Linear(z_dim + classes, hidden), nn.Softplus(),
+                                     nn.Linear(hidden, x_dim))
+
+    @staticmethod
+    def _cat(a, b):
+        shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+        return torch.cat([a.expand(*shape, -1), b.expand(*shape, -1)], -1)
+
+    def model(self, xs, ys=None):
+        pyro.module("ss_vae", self)
+        with pyro.plate("data", xs.shape[0]):
+            zs = pyro.sample("z", dist.Normal(xs.new_zeros(self.z_dim), 1.0)
+                             .expand([xs.shape[0], self.z_dim]).to_event(1))
+            prior = xs.new_full((xs.shape[0], self.classes), 1.0 / self.classes)
+            ys = pyro.sample("y", dist.OneHotCategorical(prior), obs=ys)
+            logits = self.decoder(self._cat(zs, ys))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xs)
+
+    def guide(self, xs, ys=None):
+        with pyro.plate("data", xs.shape[0]):
+            if ys is None:
+                ys = pyro.sample("y", dist.OneHotCategorical(logits=self.encoder_y(xs)))
+            loc, raw = self.encoder_z(self._cat(xs, ys)).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-6).to_event(1))
+
+    def model_classify(self, xs, ys=None):
+        pyro.module("ss_vae", self)
+        with pyro.plate("data", xs.shape[0]):
+            if ys is not None:
+                with pyro.poutine.scale(scale=self.alpha):
+                    pyro.sample("y_aux", dist.OneHotCategorical(logits=self.encoder_y(xs)),
+                                obs=ys)
+
+    def guide_classify(self, xs, ys=None):
+        pass
+
+
+def pyro_loop(x, y, labels: int):
+    """``step()`` runs the next batch of Pyro's schedule (labelled every 50,000/N-th)."""
+    pyro.clear_param_store()
+    m2 = PyroExampleM2()
+    optimizer = Adam({"lr": 4.2e-4, "betas": (0.95, 0.999)})
+    basic = SVI(m2.model, config_enumerate(m2.guide, "parallel"), optimizer,
+                loss=TraceEnum_ELBO(max_plate_nesting=1))
+    aux = SVI(m2.model_classify, m2.guide_classify, optimizer, loss=Trace_ELBO())
+    period = max(1, 50_000 // labels)
+    one_hot = F.one_hot(y, 10).float()
+    state = {"i": 0}
+
+    def step():
+        i = state["i"] = state["i"] + 1
+        start = (i * 200) % (len(x) - 200)
+        xs = torch.bernoulli(x[start : start + 200])
+        if i % period == 1:
+            ys = one_hot[start : start + 200]
+            basic.step(xs, ys)
+            aux.step(xs, ys)
+        else:
+            basic.step(xs)
+
+    return step
+
+
+def ours(x, y, labels: int, fast: bool):
+    config = pyro_vae.RunConfig.read(ROOT / "configs" / "ss-vae" / "m2.json").model
+    config.x_dim = x.shape[1]
+    m2 = pyro_vae.build_vae(pyro_vae.RunConfig(model=config))
+    m2.set_labels(partial_labels(y, labels, seed=0))
+    trainer = Trainer(Objective(m2, SyncFreeTraceEnum_ELBO(max_plate_nesting=1), len(x)),
+                      4.2e-4, fast=fast, beta1=0.95)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    state = {"i": 0}
+
+    def step():
+        i = state["i"] = state["i"] + 1
+        index = perm[(i * 200) % (len(x) - 200) :][:200]
+        trainer.step(torch.bernoulli(x.index_select(0, index)), index)
+
+    return step
+
+
+def time_steps(step, steps: int, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        step()
+    blocks = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        blocks.append((time.perf_counter() - start) / steps)
+    return statistics.median(blocks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="folder with the MNIST IDX files")
+    parser.add_argument("--dataset", default="mnist", help="mnist-sample: a quick check")
+    parser.add_argument("--labels", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=25, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = load_dataset(pyro_vae.DataConfig(dataset=args.dataset, data_dir=args.data_dir and
+                                            str(args.data_dir), download=False))
+    held_out = 10_000 if len(data.train_x) > 20_000 else 0  # Pyro's split: 10,000 validate
+    x, y = data.train_x[held_out:], data.train_y[held_out:]
+    contenders = [("Pyro's ss_vae_M2 loop (SVI, TraceEnum_ELBO + aux Trace_ELBO)",
+                   pyro_loop(x, y, args.labels)),
+                  ("pyro-vae M2, eager steps", ours(x, y, args.labels, fast=False)),
+                  ("pyro-vae M2, traced step (default)", ours(x, y, args.labels, fast=True))]
+    rows, base = [], None
+    for name, step in contenders:
+        seconds = time_steps(step, args.steps, args.repeats)
+        base = base or seconds
+        rows.append(f"| {name} | {1000 * seconds:.1f} ms | {seconds * EPOCH_STEPS:.1f} s | "
+                    f"{seconds / base:.2f}x |")
+        print(rows[-1], flush=True)
+    body = (f"Command: `python -m scripts.benchmark_ss_vae --data-dir MNIST_DIR`. Machine: "
+            f"{machine_description()}. M2 with Pyro's example settings (z 50, hidden 500, "
+            f"batch 200, {args.labels} labels); median over {args.repeats} blocks of "
+            f"{args.steps} steps after a warm-up, scaled to one epoch of {EPOCH_STEPS} "
+            "steps (evaluation not included).\n\n"
+            "| contender | per step | per epoch | vs Pyro's loop |\n|---|---|---|---|\n"
+            + "\n".join(rows))
+    update_section(args.doc, "Semi-supervised M2: pyro-vae against Pyro's own loop", body)
+
+
+if __name__ == "__main__":
+    main()
