@@ -102,7 +102,7 @@ class DataConfig:
         "and chosen by the seed; the other images are unlabelled (default: all)", low=1,
         metavar="N")
     validation: int = setting(
-        0, "hold out the first N training images as a validation set, scored each epoch",
+        0, "hold out the last N training images as a validation set, scored each epoch",
         low=0, metavar="N")
 
 

@@ -16,8 +16,9 @@ enumerated sum keeps the label's term alone and is their ``L(x, y)`` (eq. 6), wi
 ``log p(y)``; terms of probability zero are dropped exactly
 (:class:`~pyro_vae.objective.SyncFreeTraceEnum_ELBO`). The classifier then learns from the
 labelled images through ``alpha * log q(y | x)`` (eq. 9), a ``pyro.factor`` of the model,
-``alpha = aux_loss_multiplier``. Labelled and unlabelled images share every batch, so one
-traced step serves both, with no host read.
+``alpha = aux_loss_multiplier``. One program serves labelled, unlabelled and mixed batches
+(training gives labelled images batches of their own, as Pyro's example does), so one
+traced step per batch shape, with no host read.
 
 The labels come from the training set by position: :meth:`M2.set_labels` stores one per
 training image (-1 where unknown) and the batch's ``index`` (the data plate's subsample)

@@ -96,7 +96,7 @@ class Splits:
     data: Dataset  # the data set as loaded (CPU, gray-scale), with labels
     train_x: torch.Tensor  # (N, D)
     test_x: torch.Tensor  # (M, D)
-    valid_x: torch.Tensor | None = None  # (V, D): DataConfig.validation held-out images
+    valid_x: torch.Tensor | None = None  # (V, D): the last DataConfig.validation images
 
     @property
     def test_y(self) -> torch.Tensor:
@@ -105,11 +105,11 @@ class Splits:
     @property
     def train_y(self) -> torch.Tensor:
         """The labels of ``train_x`` (CPU), the validation images left out."""
-        return self.data.train_y[len(self.data.train_y) - len(self.train_x):]
+        return self.data.train_y[: len(self.train_x)]
 
     @property
     def valid_y(self) -> torch.Tensor | None:
-        return None if self.valid_x is None else self.data.train_y[: len(self.valid_x)]
+        return None if self.valid_x is None else self.data.train_y[len(self.train_x):]
 
 
 def resolve(config: RunConfig, device: torch.device) -> Splits:
@@ -139,7 +139,8 @@ def resolve(config: RunConfig, device: torch.device) -> Splits:
         train_x = binarize(train_x, seeds.static_binarization(seed))
     if mode != "none":
         test_x = binarize(test_x, seeds.test_binarization(seed))
-    valid_x, train_x = train_x[:held_out], train_x[held_out:]
+    kept = len(train_x) - held_out
+    train_x, valid_x = train_x[:kept], train_x[kept:]
     if mode == "dynamic":  # scored like the test set: one fixed binarization
         valid_x = binarize(valid_x, seeds.validation_binarization(seed))
     train_x, test_x, valid_x = train_x.to(device), test_x.to(device), valid_x.to(device)
