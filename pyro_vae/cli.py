@@ -223,8 +223,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if run.metrics:
         r = run.metrics[-1]
+        accuracy = f", test accuracy {r['test_accuracy']:.4f}" if "test_accuracy" in r else ""
         print(f"epoch {r['epoch']}: {train_summary(r)}, test ELBO {r['test_elbo']:.2f} nats/image "
-              f"(log-likelihood term {r['test_log_likelihood']:.2f}, KL {r['test_kl']:.2f})")
+              f"(log-likelihood term {r['test_log_likelihood']:.2f}, KL {r['test_kl']:.2f})"
+              + accuracy)
     if run.path is not None:
         print("figures: " + ", ".join(map(str, write_figures(run, ("reconstructions", "samples")))))
     print(f"run folder: {run.path}")

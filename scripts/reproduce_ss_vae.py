@@ -11,11 +11,15 @@ table, with Pyro's and Kingma's numbers beside ours, goes to docs/semi-supervise
 
     python -m scripts.reproduce_ss_vae --epochs 10 --draws 2 --data-dir MNIST_DIR
     python -m scripts.reproduce_ss_vae --epochs 50 --draws 5 --data-dir MNIST_DIR  # full
+
+Label draws can run side by side (``--seeds 0`` and ``--seeds 1`` in two processes, one
+torch thread each on a 2-core machine): each adds its rows to the same table.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import shutil
@@ -110,6 +114,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=50, help="M2 epochs per run (Pyro: 50)")
     parser.add_argument("--draws", type=int, default=3, help="label draws (seeds) per N")
+    parser.add_argument("--seeds", type=int, nargs="*",
+                        help="these label draws only (default: 0 .. draws-1); calls with "
+                             "other seeds may run at the same time and add to one table")
     parser.add_argument("--labels", type=int, nargs="*", default=list(LABELS))
     parser.add_argument("--baseline-steps", type=int, default=3000,
                         help="steps of the supervised-only baseline")
@@ -121,16 +128,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ss-vae")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "semi-supervised.md")
     args = parser.parse_args()
-    results = _earlier(args)
     for labels in args.labels:
-        for seed in range(args.draws):
+        for seed in args.seeds if args.seeds is not None else range(args.draws):
             print(f"N = {labels}, label draw {seed}: {args.epochs} epochs ...", flush=True)
             run = train_m2(labels, seed, args)
             best = best_validation(run.metrics)
             baseline = supervised_baseline(run, args.baseline_steps, seed)
-            runs = [r for r in results.setdefault(labels, []) if r["seed"] != seed]
-            results[labels] = runs
-            runs.append({
+            entry = {
                 "seed": seed, "epochs": run.epoch, "best_epoch": best["epoch"],
                 "test_accuracy": best["test_accuracy"],
                 "validation_accuracy": best["validation_accuracy"],
@@ -138,9 +142,9 @@ def main() -> None:
                 "test_elbo": run.metrics[-1]["test_elbo"],
                 "seconds": sum(r["seconds"] for r in run.metrics),
                 "seconds_per_epoch": statistics.median(r["seconds"] for r in run.metrics),
-                "baseline": baseline})
-            print(json.dumps(runs[-1]), flush=True)
-            write_doc(args, results)  # after every run: a long job leaves what it measured
+                "baseline": baseline}
+            print(json.dumps(entry), flush=True)
+            record(args, labels, entry)  # after every run: a long job leaves what it measured
     figures(args)
 
 
@@ -148,15 +152,22 @@ def _results_file(args) -> Path:
     return args.doc.parent / "results" / "ss_vae.json"
 
 
-def _earlier(args) -> dict[int, list[dict]]:
-    """The runs measured by earlier calls at the same epochs (each call adds its own)."""
+def record(args, labels: int, entry: dict) -> None:
+    """Add one run to the results of this budget (replacing an earlier measurement of the
+    same N and seed) and rewrite the table; calls running at once take turns (a lock)."""
     path = _results_file(args)
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    if data.get("epochs") != args.epochs:
-        return {}
-    return {int(k): v for k, v in data["results"].items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    with open(args.runs / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = {}
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.get("epochs") == args.epochs:
+                results = {int(k): v for k, v in data["results"].items()}
+        runs = [r for r in results.get(labels, []) if r["seed"] != entry["seed"]]
+        results[labels] = sorted([*runs, entry], key=lambda r: r["seed"])
+        write_doc(args, results)
 
 
 def write_doc(args, results: dict) -> None:
@@ -165,7 +176,6 @@ def write_doc(args, results: dict) -> None:
     for labels, runs in sorted(results.items()):
         pyro_mean, pyro_bound = PYRO[labels]
         kingma = f"{KINGMA[labels]:.4f}" if labels in KINGMA else ""
-        runs = sorted(runs, key=lambda r: r["seed"])
         epochs = sorted({r["epochs"] for r in runs})
         rows.append(
             f"| {labels} | {pyro_mean:.4f} ({pyro_bound:.4f}) | {kingma} | "
@@ -175,7 +185,7 @@ def write_doc(args, results: dict) -> None:
             f"{len(runs)} | {', '.join(map(str, epochs))} | "
             f"{statistics.median(r['seconds_per_epoch'] for r in runs):.1f} s |")
     command = " ".join(["python -m scripts.reproduce_ss_vae", f"--epochs {args.epochs}",
-                        f"--draws {args.draws}",
+                        f"--draws {1 + max(r['seed'] for runs in results.values() for r in runs)}",
                         *([f"--dataset {args.dataset}"] if args.dataset != "mnist" else []),
                         *(["--data-dir MNIST_DIR"] if args.data_dir else []),
                         *([f"--device {args.device}"] if args.device != "auto" else [])])
@@ -190,9 +200,7 @@ def write_doc(args, results: dict) -> None:
         "supervised-only | ours, supervised-only | draws | epochs | time per epoch |\n"
         "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     update_section(args.doc, f"Measured: {args.epochs} epochs on {device}", body)
-    data = _results_file(args)
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text(json.dumps({"epochs": args.epochs, "device": device,
+    _results_file(args).write_text(json.dumps({"epochs": args.epochs, "device": device,
                                 "machine": machine_description(device),
                                 "results": {str(k): v for k, v in results.items()}},
                                indent=1) + "\n")

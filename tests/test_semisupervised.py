@@ -264,3 +264,25 @@ def test_labels_and_enumeration_are_refused_where_they_do_not_apply(tmp_path):
     with pytest.raises(pyro_vae.ConfigError, match="enumeration"):
         pyro_vae.train(config, tmp_path / "iwae", progress=False)
     assert not (tmp_path / "iwae").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the "
+                    "CUDA-graph capture of the enumerated step runs where one exists)")
+def test_the_enumerated_m2_step_is_captured_in_a_cuda_graph_with_no_host_sync():
+    m = small_m2().float().cuda()
+    m.set_labels(m.labels)
+    trainer = Trainer(Objective(m, SyncFreeTraceEnum_ELBO(max_plate_nesting=1), num_data=N),
+                      1e-2)
+    assert trainer.mode == "cuda-graph"
+    x, index = batch()
+    x, index = x.float().cuda(), index.cuda()
+    trainer.step(x, index)  # validation and capture
+    assert trainer.mode == "cuda-graph"  # captured, not fallen back to eager steps
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            loss, ok = trainer.step(x, (index + step) % N)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(ok) and torch.isfinite(loss)

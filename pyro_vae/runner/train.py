@@ -242,8 +242,10 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             if board is not None:
                 board.epoch(record, learning_rate(config.train, epoch))
                 board.pictures(vae, splits.test_x, epoch, seed=config.train.seed)
-            log.info("epoch %d: %s, test ELBO %.2f nats/image (%.1f s)", epoch,
-                     train_summary(record), record["test_elbo"], record["seconds"])
+            log.info("epoch %d: %s, test ELBO %.2f nats/image%s (%.1f s)", epoch,
+                     train_summary(record), record["test_elbo"],
+                     f", test accuracy {record['test_accuracy']:.4f}"
+                     if "test_accuracy" in record else "", record["seconds"])
             if ctx.any(stop.requested, device) and epoch < config.train.epochs:
                 run.interrupted = True
                 break
