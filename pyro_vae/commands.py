@@ -222,9 +222,10 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
         else:
             images, what = d.mean, "mean of p(x | z)"
     fig = image_grid(images.cpu(), title=f"{num_samples} prior samples, {what} -- {describe(run)}")
-    if out is not None:
+    if out is not None:  # the name as given (s.PNG stays s.PNG)
         out = Path(out)
-        save_figures({out.stem: fig}, out.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110, format="png")
     return fig
 
 

@@ -49,6 +49,10 @@ def import_modules(names: list[str]) -> None:
                               "in the current folder or on PYTHONPATH)") from None
         except PyroVAEError:
             raise
+        except SystemExit as e:  # the module ended the process: not a module to import
+            raise ConfigError(f"{{import={name}}} called sys.exit({e.code}) while being "
+                              "imported; a module for --import defines and registers parts, "
+                              "and returns") from None
         except Exception as e:  # noqa: BLE001 - the user's module failed: say how, in one line
             text = " ".join(str(e).split())[:200]
             raise ConfigError(f"{{import={name}}} failed: {type(e).__name__}: {text}") from None

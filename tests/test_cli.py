@@ -83,6 +83,10 @@ def test_evaluate_plot_and_sample_a_trained_run(tmp_path, capsys):
         "traversals.png", "interpolations.png"}
     assert main(["sample", str(out), "-n", "16", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["sample", str(out), "-n", "4", "--out", str(tmp_path / "s2.PNG")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "s2.PNG")  # the file written
+    assert [p.name for p in tmp_path.glob("s2.*")] == ["s2.PNG"]
 
 
 @pytest.mark.slow

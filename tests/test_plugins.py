@@ -235,3 +235,13 @@ def test_a_model_in_the_users_module_works_with_every_command(tmp_path):
                          cwd=tmp_path)
     assert wrong.returncode == 2 and "options are: df=3" in wrong.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_an_import_that_exits_the_process_is_refused_in_one_line(tmp_path):
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(0)\n")
+    result = pyro_vae_cli("train", "--import", "quits", *SMALL, "--out", tmp_path / "r",
+                          cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "r").exists()
+    assert result.stderr.strip().splitlines() == [
+        "pyro-vae: error: --import quits called sys.exit(0) while being imported; a module "
+        "for --import defines and registers parts, and returns"]
