@@ -132,6 +132,8 @@ def main() -> None:
         for seed in args.seeds if args.seeds is not None else range(args.draws):
             print(f"N = {labels}, label draw {seed}: {args.epochs} epochs ...", flush=True)
             run = train_m2(labels, seed, args)
+            if run.interrupted:  # Ctrl-C or SIGTERM: the run is saved; so is the table
+                raise SystemExit(f"stopped; run the same command again to resume {run.path}")
             best = best_validation(run.metrics)
             baseline = supervised_baseline(run, args.baseline_steps, seed)
             entry = {
