@@ -27,82 +27,25 @@ import statistics
 import time
 from pathlib import Path
 
-import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
-from pyro.optim import Adam
-from torch import nn
 
 import pyro_vae
 from pyro_vae.data import load_dataset
 from pyro_vae.objective import Objective, SyncFreeTraceEnum_ELBO
 from pyro_vae.runner.step import Trainer
-from pyro_vae.semisupervised import partial_labels
+from pyro_vae.semisupervised import choose_labels, partial_labels
 from scripts._docs import machine_description, update_section
 from scripts.benchmark import HostReads
+from scripts.pyro_ss_vae_loop import PyroLoop
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_STEPS = 250  # 50,000 training images in batches of 200
 
 
-class PyroExampleM2(nn.Module):
-    """The M2 of Pyro's example: one-hot y concatenated to the networks' inputs."""
-
-    def __init__(self, z_dim=50, hidden=500, classes=10, x_dim=784, alpha=46.0):
-        super().__init__()
-        self.z_dim, self.classes, self.alpha = z_dim, classes, alpha
-        self.encoder_y = nn.Sequential(nn.Linear(x_dim, hidden), nn.Softplus(),
-                                       nn.Linear(hidden, classes))
-        self.encoder_z = nn.Sequential(nn.Linear(x_dim + classes, hidden), nn.Softplus(),
-                                       nn.Linear(hidden, 2 * z_dim))
-        self.decoder = nn.Sequential(nn.Linear(z_dim + classes, hidden), nn.Softplus(),
-                                     nn.Linear(hidden, x_dim))
-
-    @staticmethod
-    def _cat(a, b):
-        shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
-        return torch.cat([a.expand(*shape, -1), b.expand(*shape, -1)], -1)
-
-    def model(self, xs, ys=None):
-        pyro.module("ss_vae", self)
-        with pyro.plate("data", xs.shape[0]):
-            zs = pyro.sample("z", dist.Normal(xs.new_zeros(self.z_dim), 1.0)
-                             .expand([xs.shape[0], self.z_dim]).to_event(1))
-            prior = xs.new_full((xs.shape[0], self.classes), 1.0 / self.classes)
-            ys = pyro.sample("y", dist.OneHotCategorical(prior), obs=ys)
-            logits = self.decoder(self._cat(zs, ys))
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xs)
-
-    def guide(self, xs, ys=None):
-        with pyro.plate("data", xs.shape[0]):
-            if ys is None:
-                ys = pyro.sample("y", dist.OneHotCategorical(logits=self.encoder_y(xs)))
-            loc, raw = self.encoder_z(self._cat(xs, ys)).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-6).to_event(1))
-
-    def model_classify(self, xs, ys=None):
-        pyro.module("ss_vae", self)
-        with pyro.plate("data", xs.shape[0]):
-            if ys is not None:
-                with pyro.poutine.scale(scale=self.alpha):
-                    pyro.sample("y_aux", dist.OneHotCategorical(logits=self.encoder_y(xs)),
-                                obs=ys)
-
-    def guide_classify(self, xs, ys=None):
-        pass
-
-
 def pyro_loop(x, y, labels: int):
-    """``step()`` runs the next batch of Pyro's schedule (labelled every 50,000/N-th)."""
-    pyro.clear_param_store()
-    m2 = PyroExampleM2()
-    optimizer = Adam({"lr": 4.2e-4, "betas": (0.95, 0.999)})
-    basic = SVI(m2.model, config_enumerate(m2.guide, "parallel"), optimizer,
-                loss=TraceEnum_ELBO(max_plate_nesting=1))
-    aux = SVI(m2.model_classify, m2.guide_classify, optimizer, loss=Trace_ELBO())
-    period = max(1, 50_000 // labels)
+    """``step()`` runs the next batch of Pyro's schedule (:mod:`scripts.pyro_ss_vae_loop`)."""
+    loop = PyroLoop(x, y, choose_labels(y, labels, seed=0))
     one_hot = F.one_hot(y, 10).float()
     state = {"i": 0}
 
@@ -110,12 +53,7 @@ def pyro_loop(x, y, labels: int):
         i = state["i"] = state["i"] + 1
         start = (i * 200) % (len(x) - 200)
         xs = torch.bernoulli(x[start : start + 200])
-        if i % period == 1:
-            ys = one_hot[start : start + 200]
-            basic.step(xs, ys)
-            aux.step(xs, ys)
-        else:
-            basic.step(xs)
+        loop.step(xs, one_hot[start : start + 200] if i % loop.period == 1 else None)
 
     return step
 
