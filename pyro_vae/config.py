@@ -101,6 +101,10 @@ class DataConfig:
         None, "models that learn from labels: keep N training labels, balanced per class "
         "and chosen by the seed; the other images are unlabelled (default: all)", low=1,
         metavar="N")
+    labelled_every: int = setting(
+        0, "models that learn from labels: a batch of labelled images after every K other "
+        "batches, cycling through them (0: each labelled image once per epoch, as Pyro's "
+        "ss-vae example)", low=0, metavar="K")
     validation: int = setting(
         0, "hold out the last N training images as a validation set, scored each epoch",
         low=0, metavar="N")

@@ -171,6 +171,20 @@ def test_images_apart_come_in_batches_of_their_own_spread_through_the_epoch():
     assert torch.equal(tail, perm[batches.offsets[3]:])
 
 
+def test_images_apart_can_be_cycled_after_every_k_other_batches():
+    x = torch.arange(1000.0).unsqueeze(1)
+    apart = torch.zeros(1000, dtype=torch.bool)
+    apart[:30] = True  # 30 labelled images, 970 others in 10 batches of 100
+    batches = DeviceBatches(x, batch_size=100, seed=1, apart=apart, apart_every=2)
+    perm = batches.permutation(1)
+    kinds = [bool(apart[index].all()) for index in batches.indices(perm)]
+    assert kinds == [False, True, False] * 5  # a labelled batch after every 2 others
+    seen = torch.cat([index for index in batches.indices(perm) if apart[index].all()])
+    assert len(seen) == 5 * 30 and torch.bincount(seen, minlength=30).tolist() == [5] * 30
+    rest = torch.cat([index for index in batches.indices(perm) if not apart[index].any()])
+    assert sorted(rest.tolist()) == list(range(30, 1000))  # the others once each
+
+
 def test_dynamic_binarization_draws_fresh_images():
     x = torch.full((50, 784), 0.5)
     batches = DeviceBatches(x, batch_size=50, dynamic=True)

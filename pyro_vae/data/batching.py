@@ -42,12 +42,16 @@ class DeviceBatches:
     with batch size ``batch_size * world_size``, and every rank has as many batches.
 
     ``apart`` (a bool mask over the images, one process only) puts the images it marks in
-    batches of their own, spread evenly through the epoch: how Pyro's ss-vae example and
-    Kingma et al. (2014) present the labelled images of a semi-supervised run.
+    batches of their own, spread evenly through the epoch: how Pyro's ss-vae example
+    presents the labelled images of a semi-supervised run, each once per epoch. With
+    ``apart_every = K`` a batch of them comes after every ``K`` other batches instead,
+    cycling through them (as Kingma et al.'s training draws labelled images in every
+    step): a few labelled images are then seen many times per epoch.
     """
 
     def __init__(self, x: torch.Tensor, batch_size: int, dynamic: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, apart: torch.Tensor | None = None):
+                 rank: int = 0, world_size: int = 1, apart: torch.Tensor | None = None,
+                 apart_every: int = 0):
         self.x, self.batch_size, self.dynamic = x, batch_size, dynamic
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_local = -(-len(x) // world_size)  # images per rank and epoch (padded)
@@ -58,8 +62,12 @@ class DeviceBatches:
             if world_size > 1:
                 raise ValueError("batches apart need one process")
             self.groups = (apart.nonzero().flatten().cpu(), (~apart).nonzero().flatten().cpu())
-            sizes, self._apart_slots = _interleaved([_split(len(g), batch_size)
-                                                     for g in self.groups])
+            rest = _split(len(self.groups[1]), batch_size)
+            own = _split(len(self.groups[0]), batch_size)
+            if apart_every > 0:  # cycled: as many as fit, each image at least once
+                size = min(batch_size, len(self.groups[0]))
+                own = [size] * max(-(-len(self.groups[0]) // size), len(rest) // apart_every)
+            sizes, self._apart_slots = _interleaved([own, rest])
         self.sizes = sizes
         self.offsets = [0, *itertools.accumulate(sizes)]
 
@@ -78,8 +86,13 @@ class DeviceBatches:
         return perm.to(self.x.device)
 
     def _grouped(self, generator: torch.Generator) -> torch.Tensor:
-        """Each group shuffled, then its batches laid into their slots of the epoch."""
-        apart, rest = (g[torch.randperm(len(g), generator=generator)] for g in self.groups)
+        """Each group shuffled, then its batches laid into their slots of the epoch (the
+        apart group shuffled anew each time round when it is cycled)."""
+        own, rest = self.groups
+        needed = sum(n for n, is_apart in zip(self.sizes, self._apart_slots) if is_apart)
+        apart = torch.cat([own[torch.randperm(len(own), generator=generator)]
+                           for _ in range(-(-needed // len(own)))])
+        rest = rest[torch.randperm(len(rest), generator=generator)]
         parts, taken = [], {True: 0, False: 0}
         for size, is_apart in zip(self.sizes, self._apart_slots):
             source = apart if is_apart else rest

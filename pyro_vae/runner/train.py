@@ -140,9 +140,11 @@ def _give_labels(config: RunConfig, vae, splits) -> torch.Tensor | None:
     """Hand a model that learns from labels (``set_labels``) the training labels it may
     use; return them (-1 where unknown; ``None`` for other models)."""
     if not hasattr(vae, "set_labels"):
-        if config.data.labels is not None:
-            raise ConfigError(f"{{data.labels}} keeps labels for models that learn from them "
-                              f"(m2); model '{config.model.name}' does not; leave it out")
+        for name, value in (("labels", config.data.labels),
+                            ("labelled_every", config.data.labelled_every or None)):
+            if value is not None:
+                raise ConfigError(f"{{data.{name}}} is for models that learn from labels "
+                                  f"(m2); model '{config.model.name}' does not; leave it out")
         return None
     labels = partial_labels(splits.train_y, config.data.labels, config.train.seed)
     vae.set_labels(labels)
@@ -184,7 +186,7 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     batches = DeviceBatches(splits.train_x, config.train.batch_size,
                             dynamic=config.data.binarize == "dynamic",
                             seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-                            apart=apart)
+                            apart=apart, apart_every=config.data.labelled_every)
     run = Run(run_dir.path if run_dir else None, config, vae, history, splits)
     # a bar on a terminal; elsewhere the per-epoch log line is the progress
     show = "bar" if ctx.is_main and progress is not False else False
