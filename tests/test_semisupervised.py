@@ -286,3 +286,11 @@ def test_the_enumerated_m2_step_is_captured_in_a_cuda_graph_with_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bool(ok) and torch.isfinite(loss)
+
+
+def test_more_labels_than_a_class_or_the_set_holds_is_one_clear_error():
+    y = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(5, dtype=torch.long)])
+    with pytest.raises(pyro_vae.ConfigError, match="class 1, which has 5"):
+        choose_labels(y, 20, seed=0)
+    with pytest.raises(pyro_vae.ConfigError, match="has 55 images"):
+        choose_labels(y, 56, seed=0)
