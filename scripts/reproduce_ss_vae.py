@@ -127,7 +127,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ss-vae")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "semi-supervised.md")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite the table and figures from what earlier calls measured")
     args = parser.parse_args()
+    if args.table_only:
+        table_only(args)
+        figures(args)
+        return
     for labels in args.labels:
         for seed in args.seeds if args.seeds is not None else range(args.draws):
             print(f"N = {labels}, label draw {seed}: {args.epochs} epochs ...", flush=True)
@@ -172,8 +178,10 @@ def record(args, labels: int, entry: dict) -> None:
         write_doc(args, results)
 
 
-def write_doc(args, results: dict) -> None:
+def write_doc(args, results: dict, machine: str | None = None) -> None:
+    """The table of ``results``, measured on ``machine`` (default: this one, now)."""
     device = str(resolve_device(args.device))
+    machine = machine or machine_description(device)
     rows = []
     for labels, runs in sorted(results.items()):
         pyro_mean, pyro_bound = PYRO[labels]
@@ -192,30 +200,40 @@ def write_doc(args, results: dict) -> None:
                         *(["--data-dir MNIST_DIR"] if args.data_dir else []),
                         *([f"--device {args.device}"] if args.device != "auto" else [])])
     body = (
-        f"Command: `{command}`. Machine: {machine_description(device)}. Each row: test "
+        f"Command: `{command}`. Machine: {machine}. Each row: test "
         "accuracy (of 10,000) at the epoch of best validation accuracy, mean over the label "
         "draws (seeds 0, 1, ...; the draws column) with the half-width of its 95% t-interval "
         "in parentheses; Pyro's column is its tutorial's mean over five draws with its 95% "
         "bound. "
         f"**{args.epochs} of Pyro's 50 epochs.**\n\n"
-        "| labels | Pyro ss-vae (50 epochs) | Kingma et al. M2 | ours, M2 | Pyro "
+        "| labels | Pyro's ss-vae tutorial | Kingma et al. M2 | ours, M2 | Pyro "
         "supervised-only | ours, supervised-only | draws | epochs | time per epoch |\n"
         "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     update_section(args.doc, f"Measured: {args.epochs} epochs on {device}", body)
     _results_file(args).write_text(json.dumps({"epochs": args.epochs, "device": device,
-                                "machine": machine_description(device),
+                                "machine": machine,
                                 "results": {str(k): v for k, v in results.items()}},
                                indent=1) + "\n")
 
 
 def figures(args) -> None:
-    """The figures of the first N's first draw, copied to docs/figures/ss_vae_*.png."""
-    run = args.runs / f"labels{args.labels[0]}-seed0"
-    written = pyro_vae.write_figures(run, ("accuracy", "confusion", "conditional", "curves"))
+    """The figures of the first draw of the fewest and the most labels, copied to
+    docs/figures/ss_vae_N_*.png."""
     folder = args.doc.parent / "figures"
     folder.mkdir(parents=True, exist_ok=True)
-    for path in written:
-        shutil.copy(path, folder / f"ss_vae_{path.name}")
+    for labels in sorted({min(args.labels), max(args.labels)}):
+        run = args.runs / f"labels{labels}-seed{min(args.seeds or [0])}"
+        if not (run / "checkpoint.pt").exists():
+            continue
+        for path in pyro_vae.write_figures(run, ("accuracy", "confusion", "conditional")):
+            shutil.copy(path, folder / f"ss_vae_{labels}_{path.name}")
+
+
+def table_only(args) -> None:
+    """Rewrite the table from docs/results/ss_vae.json, training nothing."""
+    data = json.loads(_results_file(args).read_text())
+    args.epochs = data["epochs"]
+    write_doc(args, {int(k): v for k, v in data["results"].items()}, data["machine"])
 
 
 if __name__ == "__main__":

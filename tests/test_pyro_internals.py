@@ -5,9 +5,14 @@ import inspect
 
 import pyro
 import pytest
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO, trace_elbo, trace_mean_field_elbo
+from pyro.infer import (
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+    trace_elbo,
+    trace_mean_field_elbo,
+    traceenum_elbo,
+)
 from pyro.infer import elbo as pyro_elbo
-from pyro.infer import traceenum_elbo
 from pyro.infer import util as infer_util
 
 # (what, object, the parameters pyro-vae passes it, in order)

@@ -50,8 +50,7 @@ def test_the_ss_vae_reproduction_runs_end_to_end_and_resumes(tmp_path):
     text = doc.read_text()
     assert "| 100 | 0.9319 (0.0060) | 0.8803 |" in text and "2 of Pyro's 50 epochs" in text
     assert {p.name for p in (tmp_path / "docs" / "figures").glob("*.png")} == {
-        "ss_vae_accuracy.png", "ss_vae_confusion.png", "ss_vae_conditional.png",
-        "ss_vae_curves.png"}
+        "ss_vae_100_accuracy.png", "ss_vae_100_confusion.png", "ss_vae_100_conditional.png"}
 
 
 @pytest.mark.slow

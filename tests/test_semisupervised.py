@@ -256,7 +256,7 @@ def test_m2_trains_resumes_exactly_evaluates_and_draws_its_figures(tmp_path):
 def test_labels_and_enumeration_are_refused_where_they_do_not_apply(tmp_path):
     config = m2_config(1)
     config.model.name = "vae"
-    with pytest.raises(pyro_vae.ConfigError, match="DataConfig.labels is for models that learn from labels"):
+    with pytest.raises(pyro_vae.ConfigError, match="DataConfig.labels is for models that"):
         pyro_vae.train(config, tmp_path / "vae", progress=False)
     assert not (tmp_path / "vae").exists()
     config = m2_config(1)
