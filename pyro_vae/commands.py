@@ -212,7 +212,7 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
     if out is not None and Path(out).suffix.lower() != ".png":
         raise ConfigError(f"the output must name a .png file, got {out}")
     run = as_run(run, device)
-    with fixed_noise(seed, run.device):
+    with fixed_noise(seed, run.device), torch.no_grad():  # a user's model may not say it
         d = run.vae.sample_prior(num_samples)
         if draws:
             try:

@@ -51,7 +51,7 @@ def import_modules(names: list[str]) -> None:
             raise
         except SystemExit as e:  # the module ended the process: not a module to import
             raise ConfigError(f"{{import={name}}} called sys.exit({e.code}) while being "
-                              "imported; a module for --import defines and registers parts, "
+                              "imported; a module to import defines and registers parts, "
                               "and returns") from None
         except Exception as e:  # noqa: BLE001 - the user's module failed: say how, in one line
             text = " ".join(str(e).split())[:200]

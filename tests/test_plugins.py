@@ -244,4 +244,4 @@ def test_an_import_that_exits_the_process_is_refused_in_one_line(tmp_path):
     assert result.returncode == 2 and not (tmp_path / "r").exists()
     assert result.stderr.strip().splitlines() == [
         "pyro-vae: error: --import quits called sys.exit(0) while being imported; a module "
-        "for --import defines and registers parts, and returns"]
+        "to import defines and registers parts, and returns"]
