@@ -24,7 +24,7 @@ from .config import RunConfig
 from .errors import ConfigError, PyroVAEError, TrainingDiverged, naming
 from .likelihoods import available_likelihoods, get_likelihood
 from .models import available_models, get_model
-from .plots import FIGURE_KINDS
+from .plots import FIGURE_KINDS, figure_kinds
 from .registry import import_modules
 from .runner.train import train, train_summary
 
@@ -228,7 +228,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"(log-likelihood term {r['test_log_likelihood']:.2f}, KL {r['test_kl']:.2f})"
               + accuracy)
     if run.path is not None:
-        print("figures: " + ", ".join(map(str, write_figures(run, ("reconstructions", "samples")))))
+        # the quick look: those of the two the model can draw (pyro_vae.models' protocol)
+        kinds = [k for k in ("reconstructions", "samples") if k in figure_kinds(run.vae)]
+        if kinds:
+            print("figures: " + ", ".join(map(str, write_figures(run, kinds))))
     print(f"run folder: {run.path}")
     return 0
 

@@ -31,6 +31,7 @@ from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError, get_logger
 from .estimators import correct, elbo_terms, fixed_noise, importance_log_likelihood
+from .model import VAE
 from .plots import (
     describe,
     figures_for_run,
@@ -249,10 +250,11 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
         raise ConfigError(f"diagnose compares the guide with NUTS, which cannot sample the "
                           f"discrete latent of model '{run.config.model.name}'; evaluate "
                           "and plot apply to it")
-    if getattr(run.vae, "stochastic_layers", None) != 1 or not hasattr(run.vae, "encoder"):
-        raise ConfigError("diagnostics compare the guide with NUTS on the one latent layer "
-                          f"of a vae; model '{run.config.model.name}' with "
-                          f"{getattr(run.vae, 'stochastic_layers', 'other')} layers is not one")
+    if not isinstance(run.vae, VAE) or run.vae.stochastic_layers != 1:
+        raise ConfigError("diagnose compares the Gaussian guide of the vae model with one "
+                          f"stochastic layer against NUTS; model '{run.config.model.name}' "
+                          f"({type(run.vae).__name__}) is not one; evaluate and plot apply "
+                          "to it")
     available = len(run.data.test_x)
     cap = min(available, MAX_DIAGNOSED_IMAGES)
     if images > cap:

@@ -2,9 +2,14 @@ import json
 import subprocess
 import sys
 
+import pyro
+import pyro.distributions as dist
 import pytest
+import torch
 
+from pyro_vae import register_model
 from pyro_vae.cli import main
+from pyro_vae.model import data_plate
 
 SMALL = ["--dataset", "mnist-sample", "--train-limit", "256", "--test-limit", "100",
          "--hidden-dims", "32", "--z-dim", "2", "--epochs", "1", "--quiet"]
@@ -114,3 +119,39 @@ def test_each_warning_is_printed_once(tmp_path, capsys):
         err = capsys.readouterr().err.splitlines()
         assert sum("scored with bernoulli-relaxed" in line for line in err) == 1, err
         assert len(err) == len(set(err)), err  # no line twice
+
+
+class _NoPictures(torch.nn.Module):
+    """The protocol's two programs and nothing else: no encode, decode or sample_prior."""
+
+    def __init__(self, x_dim, z_dim, likelihood):
+        super().__init__()
+        self.x_dim, self.z_dim, self.likelihood = x_dim, z_dim, likelihood
+        self.decoder = torch.nn.Linear(z_dim, x_dim)
+        self.loc = torch.nn.Linear(x_dim, z_dim)
+
+    def model(self, x, num_data=None, kl_weight=None, index=None):
+        with data_plate(x, num_data, index):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0)
+                            .expand([x.shape[0], self.z_dim]).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x, num_data=None, kl_weight=None, index=None):
+        with data_plate(x, num_data, index):
+            pyro.sample("z", dist.Normal(self.loc(x), 1.0).to_event(1))
+
+
+@register_model("test-no-pictures", overwrite=True)
+def _no_pictures(config, likelihood):
+    """A model with no picture methods (tests/test_cli.py)."""
+    return _NoPictures(config.x_dim, config.z_dim, likelihood)
+
+
+def test_a_model_without_pictures_trains_and_refuses_diagnose_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--model", "test-no-pictures", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "figures:" not in printed and "run folder:" in printed
+    assert main(["diagnose", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not one" in err[0]
