@@ -251,10 +251,11 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
                           f"discrete latent of model '{run.config.model.name}'; evaluate "
                           "and plot apply to it")
     if not isinstance(run.vae, VAE) or run.vae.stochastic_layers != 1:
+        layers = getattr(run.vae, "stochastic_layers", None)
+        kind = f"{layers} stochastic layers" if layers else type(run.vae).__name__
         raise ConfigError("diagnose compares the Gaussian guide of the vae model with one "
-                          f"stochastic layer against NUTS; model '{run.config.model.name}' "
-                          f"({type(run.vae).__name__}) is not one; evaluate and plot apply "
-                          "to it")
+                          f"latent layer against NUTS; model '{run.config.model.name}' "
+                          f"({kind}) is not one; evaluate and plot apply to it")
     available = len(run.data.test_x)
     cap = min(available, MAX_DIAGNOSED_IMAGES)
     if images > cap:
