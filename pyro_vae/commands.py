@@ -31,6 +31,7 @@ from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError, get_logger
 from .estimators import correct, elbo_terms, fixed_noise, importance_log_likelihood
+from .files import parse_json, read_bytes, write_atomic
 from .model import VAE
 from .plots import (
     describe,
@@ -39,12 +40,13 @@ from .plots import (
     image_grid,
     inference_gap_bars,
     khat_per_image,
+    png_bytes,
     posterior_pairs,
     save_figures,
 )
 from .progress import duration
 from .runner.resolve import resolve_device
-from .runner.rundir import Run, load_run
+from .runner.rundir import Run, RunDir, load_run
 from .tracking import TensorBoard
 
 log = get_logger(__name__)
@@ -139,11 +141,16 @@ def evaluate(run: Run | str | os.PathLike, split: str = "test", iwae_samples: in
     a ``K = 5000`` result. Runs trained with TensorBoard also get the numbers there.
     """
     run = as_run(run, device)
+    outputs = RunDir(run.path) if write and run.path is not None else None
+    if outputs is not None:  # before the work: its result must have a place to go
+        outputs.check_output(EVALUATIONS)
+        _evaluations(outputs.path / EVALUATIONS, warn=True)
     result = evaluate_run(run, split, iwae_samples, batch_size, progress=progress)
-    if write and run.path is not None:
-        results = _evaluations(run.path / EVALUATIONS, keep_damaged=True)
-        results.setdefault(split, {})[str(iwae_samples)] = result
-        _write_json(run.path / EVALUATIONS, results)
+    if outputs is not None:
+        with outputs.outputs_lock():  # concurrent evaluations: one merge at a time
+            results = _evaluations(outputs.path / EVALUATIONS, keep_damaged=True)
+            results.setdefault(split, {})[str(iwae_samples)] = result
+            outputs.write(EVALUATIONS, _json(results))
         if run.config.train.tensorboard:
             board = TensorBoard(run.path)
             board.evaluation(result)
@@ -155,40 +162,55 @@ def read_evaluations(run: Run | str | os.PathLike) -> dict[str, dict[str, dict]]
     """The evaluations kept in ``RUN_DIR/eval.json``: ``{split: {K: result}}``.
 
     A file written before results were keyed (one flat result) is read into this form; an
-    unreadable one reads as empty, with a warning (:func:`evaluate` keeps it as
-    ``eval.json.damaged`` before writing a new one, so nothing is lost).
+    unreadable or malformed one reads as empty, with a warning (:func:`evaluate` keeps it
+    as ``eval.json.damaged`` before writing a new one, so nothing is lost).
     """
-    return _evaluations(_folder(run) / EVALUATIONS)
+    return _evaluations(_folder(run) / EVALUATIONS, warn=True)
 
 
 def _folder(run: Run | str | os.PathLike) -> Path:
     return Path(run.path if isinstance(run, Run) else run)
 
 
-def _evaluations(path: Path, keep_damaged: bool = False) -> dict[str, dict[str, dict]]:
-    if not path.is_file():
+def _evaluations(path: Path, keep_damaged: bool = False, warn: bool = False
+                 ) -> dict[str, dict[str, dict]]:
+    if not path.is_file() and not path.is_symlink():
         return {}
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
+        data = parse_json(read_bytes(path))
+        if isinstance(data, dict) and "split" in data and "iwae_samples" in data:
+            data = {data["split"]: {str(data["iwae_samples"]): data}}  # one flat result
+        _check_evaluations(data)
+    except ValueError as e:
         if keep_damaged:
             kept = path.with_name(EVALUATIONS + ".damaged")
             os.replace(path, kept)
-            log.warning("%s was unreadable; kept as %s", path, kept)
-        else:
-            log.warning("%s is unreadable; read as empty", path)
+            log.warning("%s was damaged (%s); kept as %s", path, e, kept)
+        elif warn:
+            log.warning("%s is damaged (%s); read as empty, and kept as %s.damaged when a "
+                        "new result is written", path, e, EVALUATIONS)
         return {}
-    if "split" in data and "iwae_samples" in data:  # one flat result, as first written
-        return {data["split"]: {str(data["iwae_samples"]): data}}
     return data
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+def _check_evaluations(data) -> None:
+    """Raise ``ValueError`` naming the first entry that is not ``{split: {K: result}}``."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    for split, by_k in data.items():
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        if not isinstance(by_k, dict):
+            raise ValueError(f"{split} is not an object of results by K")
+        for k, result in by_k.items():
+            if not k.isdigit() or not isinstance(result, dict):
+                raise ValueError(f"{split}.{k} is not a result under its K")
+            if not isinstance(result.get("log_px"), (int, float, type(None))):
+                raise ValueError(f"{split}.{k}.log_px is not a number")
+
+
+def _json(data) -> str:
+    return json.dumps(data, indent=2, default=str) + "\n"
 
 
 def write_figures(run: Run | str | os.PathLike, kinds=None, folder: str | Path | None = None,
@@ -197,11 +219,12 @@ def write_figures(run: Run | str | os.PathLike, kinds=None, folder: str | Path |
     ``folder``); returns their paths. :func:`pyro_vae.plots.figures_for_run` returns the
     figures themselves, for a notebook."""
     run = as_run(run, device)
+    root = folder
     if folder is None:
         if run.path is None:
             raise ConfigError("this run was trained in memory; give a folder for its figures")
-        folder = run.path / "figures"
-    return save_figures(figures_for_run(run, kinds), folder)
+        folder, root = run.path / "figures", run.path
+    return save_figures(figures_for_run(run, kinds), folder, root=root)
 
 
 def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool = False,
@@ -223,10 +246,8 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
         else:
             images, what = d.mean, "mean of p(x | z)"
     fig = image_grid(images.cpu(), title=f"{num_samples} prior samples, {what} -- {describe(run)}")
-    if out is not None:  # the name as given (s.PNG stays s.PNG)
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110, format="png")
+    if out is not None:  # the name as given (s.PNG stays s.PNG), written atomically
+        write_atomic(out, png_bytes(fig, 110))
     return fig
 
 
@@ -274,8 +295,12 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
     if write and run.path is not None:
         settings = {"images": images, "num_samples": num_samples, "warmup": warmup,
                     "chains": chains, "iwae_samples": iwae_samples, "seed": seed}
-        _write_json(run.path / DIAGNOSTICS, {"images": result.per_image, "settings": settings})
-        save_figures(diagnosis_figures(result, about=describe(run)), run.path / "figures")
+        outputs = RunDir(run.path)
+        with outputs.outputs_lock():
+            outputs.write(DIAGNOSTICS, _json({"images": result.per_image,
+                                              "settings": settings}))
+        save_figures(diagnosis_figures(result, about=describe(run)), run.path / "figures",
+                     root=run.path)
     return result
 
 

@@ -14,7 +14,6 @@ registries (a likelihood's name and options) live in
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import types
@@ -24,11 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, get_logger
+from .files import MAX_JSON_BYTES, parse_json
 
 log = get_logger(__name__)
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which pyro.set_rng_seed passes seeds to
-MAX_JSON_BYTES = 1 << 20  # a --config file or config.json larger than this is not ours
 
 
 def setting(default: Any = None, help: str = "", *, low: float | None = None,
@@ -226,19 +225,15 @@ class RunConfig:
         and fields left out keep their defaults)."""
         path = Path(path)
         try:
-            if path.stat().st_size > MAX_JSON_BYTES:
-                raise ConfigError(f"{path} is larger than {MAX_JSON_BYTES} bytes; it is not a "
-                                  "pyro-vae config")
-            data = json.loads(path.read_text())
+            if path.stat().st_size > MAX_JSON_BYTES:  # before reading it
+                raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
+            data = parse_json(path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})"
-                              ) from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-        except RecursionError:
-            raise ConfigError(f"{path} is nested too deeply to be a pyro-vae config") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}; correct the file") from None
         try:
             return cls.from_dict(data)
         except (ConfigError, TypeError) as e:

@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .errors import ConfigError
 from .estimators import fixed_noise
+from .files import write_atomic
 from .latents import interpolations, kl_per_dimension, prior_quantiles, traversals
 from .model import VAE
 from .runner.rundir import Run
@@ -35,9 +36,7 @@ class InlineFigure(Figure):
     Jupyter and VS Code (``_repr_png_``), with no pyplot and no inline backend needed."""
 
     def _repr_png_(self) -> bytes:
-        buffer = io.BytesIO()
-        self.savefig(buffer, format="png", dpi=INLINE_DPI)
-        return buffer.getvalue()
+        return png_bytes(self, INLINE_DPI)
 
 
 def new_figure(figsize: tuple[float, float]) -> InlineFigure:
@@ -420,16 +419,28 @@ def figures_for_run(run: Run, kinds: Sequence[str] | None = None) -> dict[str, F
                        about=describe(run))
 
 
-def save_figures(figures: dict[str, Figure], folder: str | Path, dpi: int = 110) -> list[Path]:
-    """Write each figure to ``folder/NAME.png``; returns the paths."""
+def save_figures(figures: dict[str, Figure], folder: str | Path, dpi: int = 110,
+                 root: str | Path | None = None) -> list[Path]:
+    """Write each figure to ``folder/NAME.png``; returns the paths.
+
+    Each is rendered first and written like a checkpoint (:func:`pyro_vae.files.write_atomic`:
+    a temporary file renamed over the old one), never through a symbolic link below
+    ``root`` (default: ``folder``); a folder that cannot be written keeps what it holds.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fig in figures.items():
         path = folder / f"{name}.png"
-        fig.savefig(path, dpi=dpi)
+        write_atomic(path, png_bytes(fig, dpi), root=root if root is not None else folder)
         paths.append(path)
     return paths
+
+
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as the bytes of a PNG file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def labelled_rows(rows: Sequence[tuple[str, object]], ncols: int = 10, title: str | None = None,

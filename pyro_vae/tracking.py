@@ -17,10 +17,12 @@ is imported only when a run asks for it.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import torch
 
+from . import files
 from .errors import ConfigError
 from .estimators import fixed_noise
 from .latents import kl_per_dimension, prior_quantiles, traversals
@@ -64,6 +66,9 @@ class TensorBoard:
 
     def __init__(self, run_path: str | Path, purge_step: int | None = None):
         self.folder = Path(run_path) / FOLDER
+        with files.folder(self.folder, root=run_path, create=True):  # no link followed
+            pass
+        _quiet_writer_threads(True)
         self.writer = _writer_class()(str(self.folder), purge_step=purge_step)
 
     def epoch(self, record: dict, lr: float) -> None:
@@ -123,4 +128,29 @@ class TensorBoard:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        finally:
+            _quiet_writer_threads(False)
+
+
+_hooks: list = []  # threading.excepthook before the first open writer, one per writer
+
+
+def _quiet_writer_threads(on: bool) -> None:
+    """While a writer is open, a failure of its background thread (a full disk, a folder
+    made read-only) is not printed as a thread's traceback: the writer raises it again in
+    the training's own thread at its next call, where it is reported in one line."""
+    if on:
+        _hooks.append(threading.excepthook)
+        if len(_hooks) == 1:
+            threading.excepthook = _writer_thread_hook
+    elif _hooks:
+        previous = _hooks.pop()
+        if not _hooks:
+            threading.excepthook = previous
+
+
+def _writer_thread_hook(args) -> None:
+    if type(args.thread).__name__ != "_AsyncWriterThread":  # tensorboard's writer thread
+        (_hooks[0] if _hooks else threading.__excepthook__)(args)

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 
 # the data path, lowest layer first: a module may import from its own layer or below
 LAYERS = [
-    {"errors", "seeds", "arviz_compat", "registry", "progress"},
+    {"errors", "files", "seeds", "arviz_compat", "registry", "progress"},
     {"config"},
     {"data", "data.sources", "data.batching"},
     {"distributions"},

@@ -22,7 +22,7 @@ from pyro_vae import DataError, TrainingDiverged, get_likelihood, load_run, trai
 from pyro_vae.cli import main
 from pyro_vae.data import read_idx
 from pyro_vae.likelihoods import register_likelihood
-from pyro_vae.runner.state import load_state
+from pyro_vae.runner.state import load_state, read_payload, write_payload
 
 from .helpers import built_in_likelihoods, tiny_config, write_idx
 
@@ -203,33 +203,48 @@ def edit_config(section, key, value):
 def damage_checkpoint(kind):
     def setup(tmp):
         path = tmp / "run" / "checkpoint.pt"
-        good = torch.load(path, weights_only=True)
+        good = read_payload(path)
         if kind == "garbage":
             path.write_bytes(b"\x00garbage")
         elif kind == "empty":
             path.write_bytes(b"")
         elif kind == "truncated":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        elif kind == "hostile":
+        elif kind == "bare pickle":
             import pickle
             path.write_bytes(pickle.dumps({"format": 1, "x": object()}))
+        elif kind == "flipped byte":
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+        elif kind == "symlink":
+            path.unlink()
+            path.symlink_to("/etc/passwd")
+        # the rest carry a valid checksum: what lies behind it is checked too
+        elif kind == "hostile":
+            write_payload(path, {"format": 1, "x": Hostile()})
         elif kind == "list":
-            torch.save([1, 2], path)
+            write_payload(path, [1, 2])
         elif kind == "no-model":
-            torch.save({k: v for k, v in good.items() if k != "model"}, path)
+            write_payload(path, {k: v for k, v in good.items() if k != "model"})
         elif kind == "shapes":
             good["model"] = {k: torch.zeros(3) for k in good["model"]}
-            torch.save(good, path)
+            write_payload(path, good)
         elif kind == "config-not-dict":
             good["config"] = "nope"
-            torch.save(good, path)
+            write_payload(path, good)
         elif kind == "epoch":
             good["epoch"] = -3
-            torch.save(good, path)
+            write_payload(path, good)
         elif kind == "optimizer":
             good["optimizer"] = {"state": {}, "param_groups": [{"params": [99]}]}
-            torch.save(good, path)
+            write_payload(path, good)
     return setup
+
+
+class Hostile:
+    def __reduce__(self):
+        return (print, ("this ran",))
 
 
 def data_folder(kind):
@@ -357,6 +372,8 @@ CASES = [
     *[(f"checkpoint {kind}", damage_checkpoint(kind),
        ["train", "--resume", "{run}", "--epochs", "3"], 2, words)
       for kind, words in [("garbage", "damaged"), ("empty", "damaged"), ("truncated", "damaged"),
+                          ("bare pickle", "damaged"), ("flipped byte", "checksum"),
+                          ("symlink", "symbolic link"),
                           ("hostile", "could run code"), ("list", "not a pyro-vae checkpoint"),
                           ("no-model", "no model"), ("shapes", "does not fit"),
                           ("config-not-dict", "config is not a dict"), ("epoch", "epoch"),

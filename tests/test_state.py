@@ -5,8 +5,14 @@ import pickle
 import pytest
 import torch
 
-from pyro_vae import CheckpointError, RunConfig, load_run, train
-from pyro_vae.runner.state import TrainingState, load_state, save_state
+from pyro_vae import CheckpointError, PyroVAEError, RunConfig, load_run, train
+from pyro_vae.runner.state import (
+    TrainingState,
+    load_state,
+    read_payload,
+    save_state,
+    write_payload,
+)
 
 from .helpers import tiny_config
 
@@ -44,11 +50,64 @@ class _RunsCode:
 def test_hostile_pickle_is_refused_and_its_code_does_not_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"format": 1, "model": _RunsCode(str(marker))}, f)
+    write_payload(path, {"format": 1, "model": _RunsCode(str(marker))})  # a valid checksum
     with pytest.raises(CheckpointError, match="could run code"):
         load_state(path)
+    with open(path, "wb") as f:  # a bare pickle: no header, never unpickled
+        pickle.dump({"format": 1, "model": _RunsCode(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="does not begin with a pyro-vae checkpoint"):
+        load_state(path)
     assert not marker.exists()
+
+
+def test_a_checkpoint_without_a_checksum_still_loads_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "checkpoint.pt"
+    save_state(path, state(3))
+    legacy = read_payload(path)
+    torch.save(legacy, path)  # format 1: torch.save's zip alone, as earlier versions wrote
+    assert load_state(path).epoch == 3
+    assert "written without a checksum" in caplog.text
+
+
+def small_checkpoint() -> bytes:
+    """A real checkpoint of a tiny run, as the trainer writes it (about 10 kB)."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    return TrainingState(RunConfig().to_dict(), 4, model.state_dict(), optimizer.state_dict(),
+                         {"torch": torch.get_rng_state()[:64]}, None)
+
+
+def test_every_single_byte_change_of_a_checkpoint_is_refused_as_damaged(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_state(path, small_checkpoint())
+    good = path.read_bytes()
+    assert load_state(path).epoch == 4
+    outcomes = {}
+    for i in range(len(good)):
+        for value in (0x00, 0xFF):
+            if good[i] == value:
+                continue  # no change
+            path.write_bytes(good[:i] + bytes([value]) + good[i + 1:])
+            try:
+                load_state(path)
+                outcome = "loaded"
+            except CheckpointError as e:
+                outcome = "damaged" if "is damaged" in str(e) else str(e)
+            except Exception as e:  # noqa: BLE001 - the test counts every other outcome
+                outcome = f"internal error: {type(e).__name__}"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert set(outcomes) == {"damaged"}, outcomes
+    assert outcomes["damaged"] > len(good)  # nearly two variants per byte were tried
+
+
+def test_a_symlinked_checkpoint_is_refused_and_its_target_unread(tmp_path):
+    target = tmp_path / "elsewhere.pt"
+    save_state(target, state(1))
+    (tmp_path / "checkpoint.pt").symlink_to(target)
+    with pytest.raises(PyroVAEError, match="symbolic link"):
+        load_state(tmp_path / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04broken"])

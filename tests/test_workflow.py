@@ -48,11 +48,11 @@ def test_flags_override_a_config_file(tmp_path, capsys):
     ('{"model": {"zdim": 3}}', "ModelConfig has no field zdim"),
     ('{"modle": {}}', "unknown sections modle"),
     ('{"model": {"z_dim": 0}}', "--z-dim must be a positive integer"),
-    ('{"model": ', "is not valid JSON (line 1"),
+    ('{"model": ', "not valid JSON (line 1"),
     ("[1, 2]", "a config must be a JSON object"),
     (None, "no such file"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    (" " * (2 << 20) + "{}", "is larger than 1048576 bytes"),
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),
+    (" " * (11 << 20) + "{}", "larger than 10000000 bytes"),
 ], ids=["field", "section", "value", "json", "list", "missing", "deep", "large"])
 def test_a_bad_config_file_is_one_line_with_status_2(tmp_path, capsys, content, message):
     path = tmp_path / "settings.json"

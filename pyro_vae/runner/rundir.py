@@ -15,13 +15,13 @@ import fcntl
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import files
 from ..config import RunConfig
 from ..errors import (
     CheckpointError,
@@ -40,11 +40,16 @@ log = get_logger(__name__)
 CONFIG, METRICS, CHECKPOINT, FIGURES = "config.json", "metrics.jsonl", "checkpoint.pt", "figures"
 TENSORBOARD = "tensorboard"  # TensorBoard events, with TrainConfig.tensorboard
 LOCK = ".lock"  # held (flock) by the one process that writes the folder
+OUTPUTS_LOCK = ".outputs.lock"  # held while eval.json or diagnostics.json is rewritten
 LABELS = "labels.json"  # which training labels a run that learns from labels kept
 # what a run writes besides the above; a replaced run loses these too
 _OUTPUTS = ("eval.json", "diagnostics.json", LABELS)
-# temporary files of writes that a killed process left behind
-_STALE = (".checkpoint.pt.*.tmp", "config.json.tmp", "metrics.jsonl.tmp", "labels.json.tmp")
+# temporary files of the writes of training (pyro_vae.files) that a killed process left
+# behind, and those of earlier versions
+_STALE = (*(f".{name}.*.tmp" for name in (CHECKPOINT, CONFIG, METRICS, LABELS)),
+          "config.json.tmp", "metrics.jsonl.tmp", "labels.json.tmp")
+# what a run writes, by name: none may be a symbolic link (pyro_vae.files)
+_WRITTEN = (CONFIG, METRICS, CHECKPOINT, FIGURES, TENSORBOARD, LOCK, OUTPUTS_LOCK, *_OUTPUTS)
 
 
 class RunDir:
@@ -64,6 +69,7 @@ class RunDir:
         """Raise :class:`RunDirError` unless a new run may be written here (changes nothing)."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path} is a file, not a folder; choose another {{out}}")
+        self.check_links()
         if self.holds_run() and not force:
             if not self.checkpoint.exists():
                 raise RunDirError(f"{self.path} holds a run that never finished an epoch; "
@@ -72,6 +78,20 @@ class RunDir:
                 f"{self.path} holds another run; continue it with {{resume={self.path}}}, "
                 "replace it with {force}, or choose another {out}"
             )
+
+    def check_links(self, tensorboard: bool = False) -> None:
+        """Refuse (:class:`~pyro_vae.files.UnsafePathError`) a symbolic link in place of
+        anything a run writes; with ``tensorboard``, a ``tensorboard`` that is no folder."""
+        if not self.path.is_dir():
+            return
+        for name in _WRITTEN:
+            files.refuse_link(self.path / name)
+        board = self.path / TENSORBOARD
+        if tensorboard and board.exists():
+            if not board.is_dir():
+                raise RunDirError(f"{board} is a file, where TensorBoard's events go; move it "
+                                  "away and run again")
+            files.check_writable(board)
 
     @contextlib.contextmanager
     def writing(self):
@@ -82,8 +102,8 @@ class RunDir:
         holder's PID. Temporary files that killed writes left behind are removed.
         """
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path / LOCK, "a+")
+            files.check_writable(self.path)
+            handle = files.open_lock(self.path / LOCK)
         except OSError as e:
             raise RunDirError(f"cannot write to {self.path} ({e.strerror}); "
                               "choose a writable {out}") from None
@@ -108,8 +128,8 @@ class RunDir:
     def writer_pid(self) -> int | None:
         """The PID of the training that holds the folder's write lock, or ``None``."""
         try:
-            handle = open(self.path / LOCK)
-        except OSError:
+            handle = os.fdopen(os.open(self.path / LOCK, os.O_RDONLY | os.O_NOFOLLOW))
+        except OSError:  # none, or a link: no writer of this folder holds it
             return None
         with handle:
             try:
@@ -129,9 +149,7 @@ class RunDir:
         """Create the folder for a new run; with ``force``, remove the old run's files."""
         self.check_claimable(force)
         try:
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            files.check_writable(self.path)
         except OSError as e:
             raise RunDirError(f"cannot write to {self.path} ({e.strerror}); "
                               "choose a writable {out}") from None
@@ -139,20 +157,35 @@ class RunDir:
             for old in (self.metrics, self.checkpoint, self.config,
                         *(self.path / name for name in _OUTPUTS)):
                 old.unlink(missing_ok=True)
-            shutil.rmtree(self.figures, ignore_errors=True)
-            shutil.rmtree(self.path / TENSORBOARD, ignore_errors=True)
+            files.remove_tree(self.figures)
+            files.remove_tree(self.path / TENSORBOARD)
+
+    def write(self, name: str, data: bytes | str) -> None:
+        """Replace the file ``name`` (below the run folder) atomically, never through a
+        link (:func:`pyro_vae.files.write_atomic`)."""
+        files.write_atomic(self.path / name, data, root=self.path)
+
+    def check_output(self, name: str) -> None:
+        """Raise now, before a long computation, if ``name`` could not be written later:
+        a link in its place, or a folder that cannot be written."""
+        files.refuse_link(self.path / name)
+        files.check_writable(self.path)
+
+    @contextlib.contextmanager
+    def outputs_lock(self):
+        """Serialize the read-modify-write of a command's output (``eval.json``...) among
+        processes: an ``flock`` on ``.outputs.lock``, waited for."""
+        with files.open_lock(self.path / OUTPUTS_LOCK, root=self.path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def write_config(self, config: RunConfig) -> None:
-        tmp = self.config.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, self.config)
+        self.write(CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
 
     def write_labels(self, indices: list[int], seed: int) -> None:
         """Record the positions of the training images whose labels the run uses."""
-        tmp = self.path / (LABELS + ".tmp")
-        tmp.write_text(json.dumps({"seed": seed, "count": len(indices),
-                                   "indices": indices}) + "\n")
-        os.replace(tmp, self.path / LABELS)
+        self.write(LABELS, json.dumps({"seed": seed, "count": len(indices),
+                                       "indices": indices}) + "\n")
 
     def read_config(self) -> RunConfig:
         """The run's settings, checked; :class:`CheckpointError` if missing or broken."""
@@ -160,10 +193,14 @@ class RunDir:
             raise CheckpointError(f"{self.path} is not a run folder (no {CONFIG}); "
                                   "point at a folder written by pyro-vae train")
         try:
-            return check_config(RunConfig.from_dict(json.loads(self.config.read_text())))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.config} is not valid JSON ({type(e).__name__}); "
-                                  "restore it or start a new run") from None
+            data = files.parse_json(files.read_bytes(self.config))
+        except ValueError as e:
+            raise CheckpointError(f"{self.config} is damaged: {e}; restore it or start a "
+                                  "new run") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.config} ({e.strerror})") from None
+        try:
+            return check_config(RunConfig.from_dict(data))
         except NotRegisteredError:
             raise
         except ConfigError as e:  # named as config.json spells it: model.z_dim
@@ -171,25 +208,20 @@ class RunDir:
                              else f"{setting} = {value}")
             raise CheckpointError(f"{self.config} is damaged ({problem}); restore it or "
                                   "start a new run") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {self.config} ({e.strerror})") from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_strict_json(record), allow_nan=False)
-        with open(self.metrics, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        files.append(self.metrics, json.dumps(_strict_json(record), allow_nan=False) + "\n",
+                     root=self.path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every well-formed metrics line (objects with an ``epoch``); others are reported."""
         if not self.metrics.is_file():
             return []
         records, damaged = [], 0
-        for line in self.metrics.read_text(errors="replace").splitlines():
+        for line in files.read_bytes(self.metrics).decode(errors="replace").splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = files.parse_json(line)
+            except ValueError:
                 record = None
             if isinstance(record, dict) and isinstance(record.get("epoch"), int):
                 records.append(record)
@@ -202,9 +234,7 @@ class RunDir:
     def truncate_metrics(self, epoch: int) -> list[dict[str, Any]]:
         """Keep the lines of epochs ``<= epoch`` (the checkpoint's); return them."""
         kept = [r for r in self.read_metrics() if r["epoch"] <= epoch]
-        tmp = self.metrics.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.metrics)
+        self.write(METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
 

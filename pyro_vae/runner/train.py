@@ -123,6 +123,7 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             try:
                 if state is None:
                     writer.check_claimable(force)  # before the lock creates the folder
+                writer.check_links(tensorboard=config.train.tensorboard)
                 held.enter_context(writer.writing())  # one writer per run folder
                 if state is None:
                     writer.claim(force=force)
