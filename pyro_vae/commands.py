@@ -31,7 +31,7 @@ from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError, get_logger
 from .estimators import correct, elbo_terms, fixed_noise, importance_log_likelihood
-from .files import parse_json, read_bytes, write_atomic
+from .files import check_writable, parse_json, read_bytes, refuse_link, write_atomic
 from .model import VAE
 from .plots import (
     describe,
@@ -224,6 +224,8 @@ def write_figures(run: Run | str | os.PathLike, kinds=None, folder: str | Path |
         if run.path is None:
             raise ConfigError("this run was trained in memory; give a folder for its figures")
         folder, root = run.path / "figures", run.path
+    check_writable(folder, root, no_links=folder != root)  # before the work; in the run's
+    # own figures folder no link is left alone
     return save_figures(figures_for_run(run, kinds), folder, root=root)
 
 
@@ -233,8 +235,11 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
     ``p(x | z)``, or draws ``x ~ p(x | z)`` with ``draws``; saved to ``out`` (a .png) if
     given. The same ``seed`` gives the same images."""
     _check_counts(num_samples=num_samples)
-    if out is not None and Path(out).suffix.lower() != ".png":
-        raise ConfigError(f"the output must name a .png file, got {out}")
+    if out is not None:
+        if Path(out).suffix.lower() != ".png":
+            raise ConfigError(f"the output must name a .png file, got {out}")
+        refuse_link(out)
+        check_writable(Path(out).parent)
     run = as_run(run, device)
     with fixed_noise(seed, run.device), torch.no_grad():  # a user's model may not say it
         d = run.vae.sample_prior(num_samples)

@@ -51,9 +51,9 @@ class ReadOnlyError(RunDirError):
 
 
 def _link_refused(path: Path) -> UnsafePathError:
-    return UnsafePathError(f"{path} is a symbolic link, and pyro-vae never writes or reads a "
-                           "run's files through one; remove the link (or replace it with the "
-                           "real file) and run again")
+    return UnsafePathError(f"{path} is a symbolic link, and pyro-vae writes (and reads run "
+                           "files) through none; remove the link, or put the real file or "
+                           "folder there, and run again")
 
 
 @contextlib.contextmanager
@@ -190,10 +190,16 @@ def _open_file(dir_fd: int, path: Path, flags: int) -> int:
         raise
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Create the folder ``path`` if needed and prove it writable: a file is made there
-    (never through a link) and removed. Raises ``OSError`` or :class:`ReadOnlyError`."""
-    with folder(path, create=True) as dfd:
+def check_writable(path: str | os.PathLike, root: str | os.PathLike | None = None,
+                   no_links: bool = False) -> None:
+    """Create the folder ``path`` (below ``root``) if needed and prove it writable: a file
+    is made there (never through a link) and removed; with ``no_links``, a link already in
+    it is refused (a folder whose files pyro-vae names, such as a run's ``figures``).
+    Raises ``OSError``, :class:`UnsafePathError` or :class:`ReadOnlyError`."""
+    with folder(path, root, create=True) as dfd:
+        for entry in os.scandir(dfd) if no_links else ():
+            if entry.is_symlink():
+                raise _link_refused(Path(path) / entry.name)
         _check_writable(dfd, Path(path))
         probe = f".write-test.{secrets.token_hex(6)}"
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600,

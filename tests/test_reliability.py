@@ -553,9 +553,101 @@ def test_permission_problems_are_one_line(tmp_path, finished_run, kind):
     before = snapshot(tmp_path)
     result = as_user_without_override(argv)
     assert result.returncode == 2, result.stderr
-    assert "ermission denied" in result.stderr or "cannot" in result.stderr, result.stderr
+    assert any(w in result.stderr for w in ("ermission denied", "cannot", "read-only")), \
+        result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert snapshot(tmp_path) == before
+
+
+# -- planted symbolic links: refused in one line, nothing outside the run folder written ----
+
+def link(name, to_folder=False):
+    """Replace ``run/name`` with a link to a file (or folder) outside the run folder."""
+    def setup(tmp):
+        target = tmp / "outside" / ("pictures" if to_folder else "notes")
+        path = tmp / "run" / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+        path.symlink_to(target)
+    return setup
+
+
+def tensorboard_link(tmp):
+    edit_config("train", "tensorboard", True)(tmp)
+    link("tensorboard", to_folder=True)(tmp)
+
+
+RESUME = ["train", "--resume", "{run}", "--epochs", "3", "--quiet"]
+LINKS = [  # (id, setup, argv)
+    ("lock", link(".lock"), RESUME),
+    ("metrics", link("metrics.jsonl"), RESUME),
+    ("config", link("config.json"), RESUME),
+    ("checkpoint on resume", link("checkpoint.pt"), RESUME),
+    ("checkpoint on evaluate", link("checkpoint.pt"), ["evaluate", "{run}", "--iwae-samples", "2"]),
+    ("eval.json", link("eval.json"), ["evaluate", "{run}", "--iwae-samples", "2"]),
+    ("outputs lock", link(".outputs.lock"), ["evaluate", "{run}", "--iwae-samples", "2"]),
+    ("a figure", link("figures/samples.png"), ["plot", "{run}", "--only", "samples"]),
+    ("figures on plot", link("figures", to_folder=True), ["plot", "{run}", "--only", "samples"]),
+    ("figures on --force", link("figures", to_folder=True), [*TRAIN[:-1], "{run}", "--force"]),
+    ("tensorboard", tensorboard_link, RESUME),
+    ("sample --out", lambda tmp: (tmp / "s.png").symlink_to(tmp / "outside" / "notes"),
+     ["sample", "{run}", "--out", "{tmp}/s.png"]),
+]
+
+
+@pytest.mark.parametrize("case", LINKS, ids=[c[0] for c in LINKS])
+def test_a_planted_symlink_is_refused_and_nothing_outside_is_written(
+        case, tmp_path, capsys, finished_run):
+    _, setup, argv = case
+    shutil.copytree(finished_run, tmp_path / "run")
+    outside = tmp_path / "outside"
+    (outside / "pictures").mkdir(parents=True)
+    (outside / "notes").write_text("someone's notes\n")
+    (outside / "pictures" / "samples.png").write_bytes(b"someone's picture")
+    setup(tmp_path)
+    names = {"run": tmp_path / "run", "tmp": tmp_path}
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    code = main([a.format(**names) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "is a symbolic link" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path) == before  # outside, byte for byte; inside too
+
+
+def test_temporary_names_cannot_be_planted(tmp_path, finished_run):
+    """Temporary files get fresh random names created with O_EXCL: a link waiting under the
+    old fixed name (eval.json.tmp) is never opened."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    (tmp_path / "notes").write_text("someone's notes\n")
+    for name in ("eval.json.tmp", "config.json.tmp", "metrics.jsonl.tmp"):
+        (tmp_path / "run" / name).symlink_to(tmp_path / "notes")
+    assert main(["evaluate", str(tmp_path / "run"), "--iwae-samples", "2"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--quiet"]) == 0
+    assert (tmp_path / "notes").read_text() == "someone's notes\n"
+
+
+def test_a_read_only_run_folder_is_left_as_it_is(tmp_path, capsys, finished_run):
+    """Read-only by its permission bits: refused even where the kernel would let the
+    process write (root), and before any figure is touched."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(tmp_path)
+    for path in [run, *run.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        for argv in (["plot", str(run)], ["evaluate", str(run), "--iwae-samples", "2"],
+                     ["sample", str(run), "--out", str(run / "figures" / "s.png")]):
+            capsys.readouterr()
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert "is read-only" in err and "chmod u+w" in err, err
+            assert len(err.strip().splitlines()) == 1
+        assert snapshot(tmp_path) == before
+    finally:
+        for path in [run, *run.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
 
 
 def test_a_resume_applies_a_learning_rate_edited_in_config_json(tmp_path, finished_run, caplog):

@@ -168,6 +168,7 @@ class RunDir:
     def check_output(self, name: str) -> None:
         """Raise now, before a long computation, if ``name`` could not be written later:
         a link in its place, or a folder that cannot be written."""
+        self.check_links()
         files.refuse_link(self.path / name)
         files.check_writable(self.path)
 
