@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - every failure leaves as one line
             if os.environ.get("PYRO_VAE_DEBUG"):
                 raise
-            code, message = _failure(e)
+            code, message = _failure(e, args.command)
             print(f"pyro-vae: error: {message}", file=sys.stderr)
             return code
         except KeyboardInterrupt:  # a second Ctrl-C: abort at once (the last checkpoint stands)
@@ -310,19 +310,32 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
 
 
-def _failure(e: Exception) -> tuple[int, str]:
+# what sizes each command's memory, for the message of an allocation that failed
+_SIZED_BY = {"train": "--batch-size, --num-particles, --hidden-dims or --z-dim",
+             "evaluate": "--batch-size or --iwae-samples", "sample": "-n",
+             "diagnose": "--images, --chains or --iwae-samples", "plot": "--batch-size"}
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "not enough memory")
+
+
+def _failure(e: Exception, command: str | None = None) -> tuple[int, str]:
     """The exit status and one-line message for an exception that left a command."""
     if isinstance(e, PyroVAEError):
         return (EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USAGE), str(e)
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return EXIT_RESOURCE, ("out of memory; lower --batch-size (train) or --batch-size / "
-                               "--iwae-samples (evaluate), and --resume an interrupted run")
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+            isinstance(e, RuntimeError) and any(w in str(e) for w in _OUT_OF_MEMORY)):
+        lower = f"lower {_SIZED_BY[command]}" if command in _SIZED_BY else "ask for less"
+        return EXIT_RESOURCE, (f"out of memory ({type(e).__name__}); {lower}"
+                               + (", and --resume the run" if command == "train" else ""))
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         reason = e.strerror or str(e) or type(e).__name__
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return EXIT_RESOURCE, (f"{reason}{where}; free some space, then --resume: the "
-                                   "last checkpoint is intact")
+            then = ("then run it again (a run that finished an epoch continues with --resume "
+                    "from its last checkpoint, intact)" if command == "train" else
+                    "then run it again: what it had written before is intact")
+            return EXIT_RESOURCE, f"{reason}{where}; free some space, {then}"
+        if e.errno == errno.ENAMETOOLONG:
+            return EXIT_USAGE, f"{reason}{where}; choose a shorter path"
         return EXIT_USAGE, f"{reason}{where}; check the path and its permissions"
     text = " ".join(str(e).split())[:200]
     return EXIT_INTERNAL, (f"internal error ({type(e).__name__}: {text}); please report it, "

@@ -55,6 +55,7 @@ EVALUATIONS = "eval.json"
 DIAGNOSTICS = "diagnostics.json"
 SPLITS = ("test", "train")
 MAX_DIAGNOSED_IMAGES = 100  # NUTS per image: past this, diagnose takes hours
+MAX_SAMPLES = 10_000  # images in one sample grid (100 x 100; 2,800 pixels a side)
 
 
 def as_run(run: Run | str | os.PathLike, device: str | torch.device = "cpu") -> Run:
@@ -235,6 +236,9 @@ def sample(run: Run | str | os.PathLike, num_samples: int = 64, *, draws: bool =
     ``p(x | z)``, or draws ``x ~ p(x | z)`` with ``draws``; saved to ``out`` (a .png) if
     given. The same ``seed`` gives the same images."""
     _check_counts(num_samples=num_samples)
+    if num_samples > MAX_SAMPLES:
+        raise ConfigError(f"{{num_samples}} is {num_samples}, but one grid shows at most "
+                          f"{MAX_SAMPLES} images; ask for fewer")
     if out is not None:
         if Path(out).suffix.lower() != ".png":
             raise ConfigError(f"the output must name a .png file, got {out}")

@@ -297,8 +297,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+MAX_COUNT = 2**31 - 1  # the largest size or count any setting may hold (torch's int32 range)
+
+
 def _check_number(name: str, value: Any, integer: bool, meta) -> None:
     low, high = meta.get("low"), meta.get("high")
+    if integer and isinstance(value, int) and high is None and value > MAX_COUNT:
+        raise ConfigError(f"{{{name}}} must be at most {MAX_COUNT}, got {value!r}")
     kind = int if integer else (int, float)
     ok = isinstance(value, kind) and not isinstance(value, bool) \
         and (integer or math.isfinite(value)) \

@@ -133,7 +133,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str,
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC,
                      mode, dir_fd=dfd)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with named_errors(path), os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -154,7 +154,7 @@ def append(path: str | os.PathLike, data: bytes | str,
     with folder(path.parent, root if root is not None else path.parent) as dfd:
         _target(dfd, path.name, path)
         fd = _open_file(dfd, path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        with os.fdopen(fd, "ab") as f:
+        with named_errors(path), os.fdopen(fd, "ab") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -179,6 +179,17 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+@contextlib.contextmanager
+def named_errors(path: str | os.PathLike):
+    """Give an ``OSError`` raised by a write (a full disk) the file's name."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 def _open_file(dir_fd: int, path: Path, flags: int) -> int:

@@ -1,5 +1,6 @@
 """Reliability: non-finite losses, killed processes, bad input, property tests."""
 
+import contextlib
 import errno
 import json
 import os
@@ -315,6 +316,17 @@ CASES = [
     ("test-limit -5", nothing, [*TRAIN, "--test-limit", "-5"], 2, "--test-limit"),
     ("hidden dims text", nothing, [*TRAIN, "--hidden-dims", "400,x"], 2, "comma-separated"),
     ("hidden dims 0", nothing, [*TRAIN, "--hidden-dims", "0"], 2, "--hidden-dims"),
+    # sizes that cannot fit any machine: refused before anything is allocated
+    ("z-dim 2e9", nothing, [*TRAIN, "--z-dim", "2000000000"], 2, "lower --hidden-dims or --z-dim"),
+    ("hidden 1e6,1e6", nothing, [*TRAIN, "--hidden-dims", "1000000,1000000"], 2,
+     "lower --hidden-dims or --z-dim"),
+    ("particles 1e7", nothing, [*TRAIN, "--num-particles", "10000000"], 2,
+     "lower --num-particles or --batch-size"),
+    ("iwae particles 1e7", nothing, [*TRAIN, "--objective", "iwae", "--num-particles",
+                                     "10000000"], 2, "lower --num-particles"),
+    ("z-dim 10**30", nothing, [*TRAIN, "--z-dim", str(10**30)], 2, "--z-dim must be at most"),
+    ("sample n 1e8", nothing, ["sample", "{run}", "-n", "100000000", "--out", "{tmp}/s.png"], 2,
+     "at most 10000 images"),
     ("activation", nothing, [*TRAIN, "--activation", "nope"], 2, "invalid choice"),
     ("binarize choice", nothing, [*TRAIN, "--binarize", "sometimes"], 2, "invalid choice"),
     ("elbo choice", nothing, [*TRAIN, "--elbo", "exact"], 2, "invalid choice"),
@@ -362,6 +374,15 @@ CASES = [
      ["train", "--resume", "{run}", "--epochs", "3"], 2, "no field depth"),
     ("config not utf-8", damage_json("config.json", b"\xff\xfe\x00{"),
      ["train", "--resume", "{run}", "--epochs", "3"], 2, "not valid JSON"),
+    ("config data_dir a number", edit_config("data", "data_dir", 5),
+     ["evaluate", "{run}", "--iwae-samples", "2"], 2, "data.data_dir must be a non-empty string"),
+    ("config z_dim 10**30", edit_config("model", "z_dim", 10**30),
+     ["evaluate", "{run}", "--iwae-samples", "2"], 2, "model.z_dim must be at most"),
+    ("config nested 100,000 deep", damage_json("config.json", "[" * 100_000 + "]" * 100_000),
+     ["evaluate", "{run}", "--iwae-samples", "2"], 2, "nested deeper than 64"),
+    ("tensorboard is a file", lambda tmp: (edit_config("train", "tensorboard", True)(tmp),
+                                           damage_json("tensorboard", "x")(tmp)),
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "is a file, where TensorBoard"),
     ("config of another model", edit_config("model", "likelihood", "continuous-bernoulli"),
      ["train", "--resume", "{run}", "--epochs", "3"], 2, "another model"),
     ("config of other data", edit_config("data", "test_limit", 50),
@@ -688,3 +709,130 @@ def test_two_quick_ctrl_c_abort_with_130_and_keep_the_last_checkpoint(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert load_state(out / "checkpoint.pt").epoch >= 1
+
+
+# -- a disk that fills: status 4, the fix, and what was written before intact --------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB file system (tmpfs) at ``tmp_path/disk``: root only, where mount works."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk, leave: int = 0) -> None:
+    """Fill ``disk`` with one file, then free ``leave`` bytes of it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+RUN_ON_DISK = "{disk}/run"
+FULL_DISK = [  # (id, bytes left free, argv, the file whose write fails)
+    ("resume: metrics", 0, ["train", "--resume", RUN_ON_DISK, "--epochs", "3"],
+     "run/metrics.jsonl"),
+    ("resume: the checkpoint", 256 << 10, ["train", "--resume", RUN_ON_DISK, "--epochs", "3"],
+     "run/checkpoint.pt"),
+    ("evaluate: eval.json", 0, ["evaluate", RUN_ON_DISK, "--iwae-samples", "2"],
+     "run/eval.json"),
+    ("plot: figures", 0, ["plot", RUN_ON_DISK], "run/figures/"),
+    ("sample --out", 0, ["sample", RUN_ON_DISK, "--out", "{disk}/s.png"], "s.png"),
+    ("train: a new run", 0, [*TRAIN[:-1], "{disk}/new"], "new/"),
+]
+
+
+@pytest.mark.parametrize("case", FULL_DISK, ids=[c[0] for c in FULL_DISK])
+def test_a_full_disk_exits_4_with_the_fix_and_keeps_what_was_written(
+        case, small_disk, capsys, finished_run):
+    _, leave, argv, failing = case
+    shutil.copytree(finished_run, small_disk / "run")
+    (small_disk / "run" / "eval.json").write_text('{"test": {}}\n')
+    fill(small_disk, leave)
+    before = snapshot(small_disk / "run")
+    capsys.readouterr()
+    code = main([a.format(disk=small_disk) for a in argv] + ["--quiet"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "No space left on device" in err and "free some space" in err, err
+    assert f"{small_disk}/{failing}" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    after = snapshot(small_disk / "run")
+    # a resume rewrites config.json (its epochs) before training; a metrics line past the
+    # checkpoint may stand, and the next resume drops it
+    rewritten = ("metrics.jsonl", "config.json")
+    assert {k: after.get(k) for k in before if k not in rewritten} == \
+        {k: v for k, v in before.items() if k not in rewritten}
+    assert after.get("metrics.jsonl", b"").startswith(before.get("metrics.jsonl", b""))
+    assert not list((small_disk / "run").rglob("*.tmp"))
+    (small_disk / "filler").unlink()
+    if argv[0] == "train" and "--resume" in argv:  # space freed: the run continues
+        assert main(["train", "--resume", str(small_disk / "run"), "--epochs", "3",
+                     "--quiet"]) == 0
+        assert [json.loads(x)["epoch"] for x in
+                (small_disk / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_tensorboard_on_a_full_disk_raises_in_the_caller_and_prints_nothing(
+        small_disk, capfd):
+    from pyro_vae.tracking import TensorBoard
+
+    pytest.importorskip("tensorboard")
+    fill(small_disk)
+    with pytest.raises(OSError) as info:
+        board = TensorBoard(small_disk)
+        board.epoch({"epoch": 1, "train_elbo": -100.0}, 0.001)
+        board.flush()
+    assert info.value.errno == errno.ENOSPC
+    assert capfd.readouterr().err == ""  # no traceback from the writer's thread
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 40140800000 bytes"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError(),
+], ids=["cpu allocator", "cuda", "MemoryError"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "sample"])
+def test_a_failed_allocation_exits_4_naming_the_sizes_to_lower(
+        error, command, tmp_path, capsys, monkeypatch, finished_run):
+    shutil.copytree(finished_run, tmp_path / "run")
+
+    def allocate(*args, **kwargs):
+        raise error
+
+    run = str(tmp_path / "run")
+    argv, sizes = {
+        "train": (["train", "--resume", run, "--epochs", "3", "--quiet"],
+                  "--batch-size, --num-particles, --hidden-dims or --z-dim"),
+        "evaluate": (["evaluate", run, "--iwae-samples", "2", "--quiet"],
+                     "--batch-size or --iwae-samples"),
+        "sample": (["sample", run, "--out", str(tmp_path / "s.png"), "--quiet"], "lower -n"),
+    }[command]
+    target = {"train": "pyro_vae.runner.train.Trainer.step",
+              "evaluate": "pyro_vae.commands.importance_log_likelihood",
+              "sample": "pyro_vae.commands.image_grid"}[command]
+    monkeypatch.setattr(target, allocate)
+    before = snapshot(tmp_path / "run")
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert "out of memory" in err and sizes in err, err
+    assert len(err.strip().splitlines()) == 1
+    after = snapshot(tmp_path / "run")  # a resume rewrites config.json (its epochs) first
+    assert {k: after[k] for k in before if k != "config.json"} == \
+        {k: v for k, v in before.items() if k != "config.json"}

@@ -11,6 +11,7 @@ the VAE is built to fit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -82,6 +83,55 @@ def build_vae(config: RunConfig):
     """The model described by a resolved :class:`RunConfig` (as saved in a run folder):
     a :class:`~pyro_vae.model.VAE` or any model registered in :mod:`pyro_vae.models`."""
     return build_model(config.model, likelihood_for(config))
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory a run on ``device`` can have at most: the GPU's, or the machine's RAM and
+    swap (``None`` where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text()
+                      .splitlines() if ":" in line)
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(config: RunConfig, device: torch.device) -> None:
+    """Refuse up front (:class:`ConfigError`, naming the settings to lower) a model or a
+    batch that cannot fit in ``device``'s memory however the run goes.
+
+    Both figures are lower bounds: the parameters with their gradients and Adam's two
+    moments (counted on a model built on the ``meta`` device, which allocates nothing),
+    and the decoder's output for one batch with its gradient and log-density. A run
+    refused here would fail in its first step, or be killed by the kernel.
+    """
+    total = memory_bytes(device)
+    if total is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = build_vae(config)
+    except Exception:  # noqa: BLE001 - a builder meta tensors cannot run: the real build says
+        return
+    parameters = sum(p.numel() for p in model.parameters())
+    if 4 * 4 * parameters > total:
+        raise ConfigError(f"the model has {parameters:,} parameters, {_size(16 * parameters)} "
+                          f"with their gradients and Adam's state: more than the "
+                          f"{_size(total)} of memory here; lower {{model.hidden_dims}} or "
+                          "{model.z_dim}")
+    t = config.train
+    batch = t.batch_size * t.num_particles * config.model.x_dim * 4 * 3
+    if batch > total:
+        raise ConfigError(f"a batch of {t.batch_size} images x {t.num_particles} particles "
+                          f"needs at least {_size(batch)} for the decoder's output alone: more "
+                          f"than the {_size(total)} of memory here; lower {{train.num_particles}} "
+                          "or {train.batch_size}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 @dataclass

@@ -116,10 +116,9 @@ class RunDir:
                 raise RunDirError(f"{self.path} is being written by another training "
                                   f"(PID {self._holder_pid(handle)}); wait for it to finish, "
                                   "or stop it first") from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+            with files.named_errors(self.path / LOCK):  # unbuffered: nothing left to flush
+                os.ftruncate(handle.fileno(), 0)
+                os.pwrite(handle.fileno(), f"{os.getpid()}\n".encode(), 0)
             for pattern in _STALE:
                 for stale in self.path.glob(pattern):
                     stale.unlink(missing_ok=True)

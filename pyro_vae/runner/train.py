@@ -30,7 +30,7 @@ from ..registry import MAIN
 from ..semisupervised import partial_labels
 from ..tracking import TensorBoard, check_available
 from .distributed import Context, init_from_env
-from .resolve import build_vae, check_config, resolve, resolve_device
+from .resolve import build_vae, check_config, check_memory, resolve, resolve_device
 from .rundir import Run, RunDir
 from .signals import StopRequest
 from .state import (
@@ -92,6 +92,8 @@ def train(
         raise ConfigError(f"{{train.epochs}} is {config.train.epochs}, but the run in "
                           f"{run_dir.path} has finished {state.epoch} epochs already; "
                           "ask for at least that many")
+    if run_dir is not None:  # before the data loads: planted links, a file for a folder
+        run_dir.check_links(tensorboard=config.train.tensorboard)
     if config.train.tensorboard:
         if run_dir is None:
             raise ConfigError("{train.tensorboard} writes into the run folder; give an "
@@ -113,6 +115,7 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     writer = run_dir if ctx.is_main else None  # the process that writes the run folder
     # data and model first: a setting that fails there changes nothing on disk
     splits = resolve(config, device)
+    check_memory(config, device)
     pyro.set_rng_seed(seeds.process(config.train.seed, ctx.rank))  # noise per rank
     vae = build_vae(config).to(device)
     labels = _give_labels(config, vae, splits)
