@@ -1,7 +1,35 @@
-"""``python -m pyro_vae`` runs the command-line tool."""
+"""``python -m pyro_vae`` and the ``pyro-vae`` command: :func:`run` starts the tool.
 
+A Ctrl-C (or SIGTERM) ends the command with status 130 and one line at every moment:
+while torch is still being imported (before :func:`pyro_vae.cli.main` can catch it), and
+after the command has decided its status, when a late second Ctrl-C would otherwise kill
+the process by the signal and lose that status.
+"""
+
+import signal
 import sys
 
-from .cli import main
+EXIT_INTERRUPTED = 130
 
-sys.exit(main())
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C, until training installs its own
+    code = EXIT_INTERRUPTED
+    try:
+        from .cli import main  # torch and pyro: seconds
+
+        code = main()
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted", file=sys.stderr)
+    finally:  # the status is decided: no signal may change it now
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run())

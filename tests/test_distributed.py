@@ -15,6 +15,7 @@ from .helpers.ddp_step import BATCH, SEED, setup
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
 STEP_HELPER = Path(__file__).parent / "helpers" / "ddp_step.py"
+CLI_HELPER = Path(__file__).parent / "helpers" / "ddp_cli.py"
 
 
 def torchrun(nproc, *args, cwd):
@@ -118,3 +119,14 @@ def test_research_options_train_under_torchrun_and_resume_on_one_process(tmp_pat
     assert key in metrics(run)[0]
     resumed = train(resume=run, epochs=2, progress=False)
     assert [r["epoch"] for r in resumed.metrics] == [1, 2]
+
+
+def test_a_command_under_torchrun_exits_0_leaving_no_thread_or_process_group(tmp_path):
+    """Each rank runs ``pyro-vae train`` in-process, then checks that no Python thread and
+    no process group outlived it (the helper exits 9 otherwise); the job must exit 0, with
+    no abort at interpreter exit ("terminate called without an active exception")."""
+    result = torchrun(2, CLI_HELPER, "train", "--dataset", "mnist-sample", "--train-limit", "256",
+                      "--test-limit", "64", "--hidden-dims", "16", "--z-dim", "2",
+                      "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--quiet",
+                      "--tensorboard", "--out", tmp_path / "run", cwd=tmp_path)
+    assert "terminate called" not in result.stderr and "left behind" not in result.stderr

@@ -836,3 +836,71 @@ def test_a_failed_allocation_exits_4_naming_the_sizes_to_lower(
     after = snapshot(tmp_path / "run")  # a resume rewrites config.json (its epochs) first
     assert {k: after[k] for k in before if k != "config.json"} == \
         {k: v for k, v in before.items() if k != "config.json"}
+
+
+# -- Ctrl-C at any moment: status 130, one line ---------------------------------------------
+
+def start_training(out, epochs=400):
+    return subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *SMALL, "--epochs",
+                             str(epochs), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("moment, gap", [("importing", 0.0), ("importing", 0.3),
+                                         ("training", 0.0), ("training", 0.3),
+                                         ("training", 1.0)])
+def test_ctrl_c_twice_at_any_moment_exits_130(tmp_path, moment, gap):
+    """While torch is imported (before the tool can catch it) or while training, at
+    several spacings: 130, and no traceback."""
+    out = tmp_path / "run"
+    proc = start_training(out)
+    if moment == "importing":
+        time.sleep(0.1)
+    else:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists():
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(gap)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_once_the_status_is_decided_no_signal_changes_it(monkeypatch):
+    from pyro_vae import __main__ as entry
+
+    monkeypatch.setattr("pyro_vae.cli.main", lambda: 0)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert entry.run() == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# -- no stray threads: every command leaves only the threads it found ----------------------
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--resume", "{run}", "--epochs", "3"],
+    ["train", *SMALL, "--tensorboard", "--out", "{tmp}/board"],
+    ["evaluate", "{run}", "--iwae-samples", "2"],
+    ["plot", "{run}"],
+    ["sample", "{run}", "--out", "{tmp}/s.png"],
+    ["train", "--resume", "{tmp}/missing"],  # a failure, too
+], ids=["resume", "tensorboard", "evaluate", "plot", "sample", "failing"])
+def test_every_command_leaves_no_thread_behind(argv, tmp_path, finished_run):
+    import threading
+
+    if "--tensorboard" in argv:
+        pytest.importorskip("tensorboard")
+    shutil.copytree(finished_run, tmp_path / "run")
+    before = set(threading.enumerate())
+    main([a.format(run=tmp_path / "run", tmp=tmp_path) for a in argv] + ["--quiet"])
+    left = [t for t in threading.enumerate() if t not in before]
+    assert not left, left
