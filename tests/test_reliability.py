@@ -243,6 +243,21 @@ def damage_checkpoint(kind):
     return setup
 
 
+def crafted_image_size(pixels):
+    """A run whose config.json and checkpoint agree on images of ``pixels`` pixels, over
+    data of 784: consistent with itself, not with its data."""
+    def setup(tmp):
+        from pyro_vae import RunConfig, build_vae
+
+        edit_config("model", "x_dim", pixels)(tmp)
+        path = tmp / "run" / "checkpoint.pt"
+        state = read_payload(path)
+        state["config"]["model"]["x_dim"] = pixels
+        state["model"] = build_vae(RunConfig.from_dict(state["config"])).state_dict()
+        write_payload(path, state)
+    return setup
+
+
 class Hostile:
     def __reduce__(self):
         return (print, ("this ran",))
@@ -269,6 +284,10 @@ def data_folder(kind):
         elif kind == "unreadable":
             target.unlink()
             target.mkdir()  # a folder where a file should be: unreadable even for root
+        elif kind == "float-pixels":  # pixels of 1000 as 32-bit floats (IDX type 0x0D)
+            pixels = np.full((30, 28, 28), 1000.0, dtype=">f4")
+            target.write_bytes(bytes([0, 0, 0x0D, 3]) + np.array([30, 28, 28], ">u4").tobytes()
+                               + pixels.tobytes())
         elif kind == "missing":
             target.unlink()
         elif kind == "empty-file":
@@ -383,6 +402,8 @@ CASES = [
     ("tensorboard is a file", lambda tmp: (edit_config("train", "tensorboard", True)(tmp),
                                            damage_json("tensorboard", "x")(tmp)),
      ["train", "--resume", "{run}", "--epochs", "3"], 2, "is a file, where TensorBoard"),
+    ("a run of 32x32 images", crafted_image_size(32 * 32),
+     ["evaluate", "{run}", "--iwae-samples", "2", "--quiet"], 2, "images of 1024 pixels"),
     ("config of another model", edit_config("model", "likelihood", "continuous-bernoulli"),
      ["train", "--resume", "{run}", "--epochs", "3"], 2, "another model"),
     ("config of other data", edit_config("data", "test_limit", 50),
@@ -408,6 +429,8 @@ CASES = [
        2, words)
       for kind, words in [("truncated", "truncated or corrupt"), ("magic", "wrong magic"),
                           ("counts", "30 images but"), ("unreadable", "cannot read"),
+                          ("float-pixels", "holds 32-bit float values; MNIST-format files "
+                           "hold unsigned bytes (pixels 0-255, scaled to [0, 1]"),
                           ("missing", "does not hold the four"), ("empty-file", "IDX"),
                           ("gzip-garbage", "cannot read"), ("32x32", "32x32 images"),
                           ("fashion-labels", "holds the fashion-mnist training set")]],
@@ -557,12 +580,18 @@ def as_user_without_override(argv):
 
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None,
                     reason="root without setpriv: permissions cannot be made to apply")
-@pytest.mark.parametrize("kind", ["unreadable data", "unwritable out", "unreadable run"])
+@pytest.mark.parametrize("kind", ["unreadable data", "unreadable data folder", "unwritable out",
+                                  "unreadable run"])
 def test_permission_problems_are_one_line(tmp_path, finished_run, kind):
     shutil.copytree(finished_run, tmp_path / "run")
     if kind == "unreadable data":
         data_folder("good")(tmp_path)
         (tmp_path / "data" / "train-images-idx3-ubyte").chmod(0)
+        argv = ["train", *SMALL, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                "--out", str(tmp_path / "new")]
+    elif kind == "unreadable data folder":
+        data_folder("good")(tmp_path)
+        (tmp_path / "data").chmod(0)
         argv = ["train", *SMALL, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
                 "--out", str(tmp_path / "new")]
     elif kind == "unwritable out":
@@ -577,6 +606,9 @@ def test_permission_problems_are_one_line(tmp_path, finished_run, kind):
     assert any(w in result.stderr for w in ("ermission denied", "cannot", "read-only")), \
         result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    if kind == "unreadable data folder":
+        assert "cannot read --data-dir" in result.stderr and "make it readable" in result.stderr
+        (tmp_path / "data").chmod(0o755)
     assert snapshot(tmp_path) == before
 
 
@@ -904,3 +936,26 @@ def test_every_command_leaves_no_thread_behind(argv, tmp_path, finished_run):
     main([a.format(run=tmp_path / "run", tmp=tmp_path) for a in argv] + ["--quiet"])
     left = [t for t in threading.enumerate() if t not in before]
     assert not left, left
+
+
+def test_concurrent_evaluations_merge_eval_json_one_at_a_time(tmp_path, finished_run):
+    """An evaluation that finishes while another process holds eval.json's lock waits for
+    it, then merges into what that process wrote: no result is lost."""
+    from pyro_vae.runner.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with RunDir(run).outputs_lock():
+        proc = subprocess.Popen([sys.executable, "-m", "pyro_vae", "evaluate", str(run),
+                                 "--iwae-samples", "2"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:  # until its evaluation is done: it now wants the lock
+            if "log p(x), K=2: 100%" in line:
+                break
+        # meanwhile "another evaluation" (this test) writes its result
+        (run / "eval.json").write_text(json.dumps({"test": {"7": {"log_px": -1.0}}}))
+        time.sleep(1.0)
+        assert proc.poll() is None  # still waiting for the lock
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    kept = json.loads((run / "eval.json").read_text())["test"]
+    assert set(kept) == {"2", "7"}

@@ -40,6 +40,9 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_UNSIGNED_BYTE = 0x08  # the IDX type code of MNIST's files
+_IDX_TYPES = {0x09: "signed byte", 0x0B: "16-bit integer", 0x0C: "32-bit integer",
+              0x0D: "32-bit float", 0x0E: "64-bit float"}
 _READ_ERRORS = (AssertionError, RuntimeError, ValueError, TypeError, IndexError, KeyError)
 
 
@@ -92,6 +95,11 @@ def _parse(reader, raw: Path, shown: Path, head: bytes) -> torch.Tensor:
     if len(head) < 4 or head[:2] != b"\0\0" or not 8 <= head[2] <= 14 or not 1 <= head[3] <= 3:
         raise DataError(f"{shown} is not an IDX file (wrong magic number); "
                         "replace it with the original MNIST-format file") from None
+    if head[2] != _UNSIGNED_BYTE:
+        kind = _IDX_TYPES.get(head[2], f"type 0x{head[2]:02X}")
+        raise DataError(f"{shown} holds {kind} values; MNIST-format files hold unsigned bytes "
+                        "(pixels 0-255, scaled to [0, 1] as ToTensor does; labels 0-9): "
+                        "write it as uint8, or replace it") from None
     raise DataError(f"{shown} holds a different amount or kind of data than its IDX header "
                     "promises; the file is truncated or corrupt, replace it") from None
 
@@ -254,7 +262,16 @@ def _load_full(name: str, config: DataConfig) -> Dataset:
     if name == "auto":
         name = "mnist"
     roots = [Path(config.data_dir)] if config.data_dir else [default_cache_dir()]
-    folder = _idx_folder(name, roots)
+    try:
+        folder = _idx_folder(name, roots)
+    except PermissionError:  # a folder that may not be searched: said below or read below
+        folder = None
+    if config.data_dir is not None:
+        try:
+            os.listdir(config.data_dir)
+        except OSError as e:
+            raise DataError(f"cannot read {{data.data_dir}} {config.data_dir} ({e.strerror}); "
+                            "make it readable, or point it at a readable copy") from None
     if folder is None and config.data_dir is not None:  # a named folder: no fallback
         raise DataError(
             f"{{data.data_dir}} {config.data_dir} does not hold the four {name} IDX files "

@@ -18,7 +18,7 @@ import torch
 from .. import seeds
 from ..config import RunConfig
 from ..data import Dataset, binarize, check_pixels, load_dataset
-from ..errors import ConfigError, get_logger
+from ..errors import ConfigError, DataError, get_logger
 from ..likelihoods import Likelihood, get_likelihood, likelihood_module
 from ..models import build_model, get_model, model_module
 from ..networks import get_network, network_module
@@ -162,18 +162,25 @@ class Splits:
         return None if self.valid_x is None else self.data.train_y[len(self.train_x):]
 
 
-def resolve(config: RunConfig, device: torch.device) -> Splits:
+def resolve(config: RunConfig, device: torch.device, recorded: bool = False) -> Splits:
     """Load, binarize and check the data of ``config``; fill in its ``auto`` settings.
 
     Sets ``config.data.dataset`` (the data set loaded), ``config.data.binarize`` and
     ``config.model.x_dim``; warns once if a binary likelihood scores gray-scale pixels.
+    ``recorded``: ``config`` is a run's own, whose model was built for its recorded image
+    size; data of another size is refused (:class:`DataError`) instead of adopted.
     """
     data = load_dataset(config.data)
     if config.data.dataset == "auto":
         log.info("{data.dataset=auto} resolved to %s", data.name)
     config.data.dataset = data.name
     mode = config.data.binarize = binarize_mode(config)
-    config.model.x_dim = data.train_x.shape[1]
+    pixels = data.train_x.shape[1]
+    if recorded and pixels != config.model.x_dim:
+        raise DataError(f"the run's model takes images of {config.model.x_dim} pixels "
+                        f"(model.x_dim in its config.json), but its data set {data.name} "
+                        f"has {pixels}; restore the run's config.json or its data")
+    config.model.x_dim = pixels
     likelihood = likelihood_for(config)
     if likelihood.name != config.model.likelihood:
         log.warning("likelihood %s on gray-scale pixels (binarize none) is scored with %s, "

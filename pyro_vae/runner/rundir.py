@@ -272,7 +272,7 @@ class Run:
     @property
     def data(self) -> Splits:
         if self.splits is None:
-            self.splits = resolve(self.config, self.device)
+            self.splits = resolve(self.config, self.device, recorded=True)
         return self.splits
 
 

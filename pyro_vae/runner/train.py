@@ -114,7 +114,7 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
            state: TrainingState | None, force: bool, progress: bool | None) -> Run:
     writer = run_dir if ctx.is_main else None  # the process that writes the run folder
     # data and model first: a setting that fails there changes nothing on disk
-    splits = resolve(config, device)
+    splits = resolve(config, device, recorded=state is not None)
     check_memory(config, device)
     pyro.set_rng_seed(seeds.process(config.train.seed, ctx.rank))  # noise per rank
     vae = build_vae(config).to(device)
