@@ -509,14 +509,21 @@ def test_a_full_disk_during_a_save_exits_4_and_keeps_the_last_checkpoint(
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("damage", ["blank line", "truncated line", "not an object"])
-def test_damaged_metrics_lines_never_cost_a_valid_epoch(tmp_path, finished_run, damage):
+@pytest.mark.parametrize("damage", ["blank line", "truncated line", "not an object",
+                                    "a field not a number", "epoch zero", "nested deep"])
+def test_damaged_metrics_lines_never_cost_a_valid_epoch(tmp_path, finished_run, damage, caplog):
     shutil.copytree(finished_run, tmp_path / "run")
     path = tmp_path / "run" / "metrics.jsonl"
     first, second = path.read_text().splitlines()
     bad = {"blank line": "", "truncated line": first[: len(first) // 2],
-           "not an object": "[1, 2]"}[damage]
+           "not an object": "[1, 2]",
+           "a field not a number": '{"epoch": 2, "train_elbo": "-90"}',
+           "epoch zero": '{"epoch": 0, "train_elbo": -90.0}',
+           "nested deep": '{"epoch": 2, "x": ' + "[" * 1000 + "]" * 1000 + "}"}[damage]
     path.write_text("\n".join([first, bad, second]) + "\n")
+    assert main(["plot", str(tmp_path / "run"), "--only", "curves", "--quiet"]) == 0
+    if damage == "a field not a number":
+        assert "line 2: train_elbo is '-90', not a number" in caplog.text
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--quiet"]) == 0
     epochs = [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
     assert epochs == [1, 2, 3]

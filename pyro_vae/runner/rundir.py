@@ -217,18 +217,21 @@ class RunDir:
         """Every well-formed metrics line (objects with an ``epoch``); others are reported."""
         if not self.metrics.is_file():
             return []
-        records, damaged = [], 0
-        for line in files.read_bytes(self.metrics).decode(errors="replace").splitlines():
+        records, damaged = [], []
+        lines = files.read_bytes(self.metrics).decode(errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
                 record = files.parse_json(line)
-            except ValueError:
-                record = None
-            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                records.append(record)
-            elif line.strip():
-                damaged += 1
+                _check_record(record)
+            except ValueError as e:
+                damaged.append(f"line {number}: {e}")
+                continue
+            records.append(record)
         if damaged:
-            log.warning("%s: skipped %d damaged line(s)", self.metrics, damaged)
+            log.warning("%s: skipped %d damaged line(s) (%s)", self.metrics, len(damaged),
+                        "; ".join(damaged[:3]) + ("; ..." if len(damaged) > 3 else ""))
         return records
 
     def truncate_metrics(self, epoch: int) -> list[dict[str, Any]]:
@@ -236,6 +239,19 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r["epoch"] <= epoch]
         self.write(METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
+
+
+def _check_record(record: Any) -> None:
+    """Raise ``ValueError`` naming the field of a metrics line that breaks its schema: an
+    object whose ``epoch`` is a count from 1 and whose other fields are numbers or null."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    epoch = record.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise ValueError(f"epoch is {epoch!r}, not a count from 1")
+    for key, value in record.items():
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"{key} is {value!r}, not a number")
 
 
 def _strict_json(record: dict[str, Any]) -> dict[str, Any]:
