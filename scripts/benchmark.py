@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from pyro_vae import VAE, Objective, RunConfig, Trainer, make_elbo
 from pyro_vae.data import DeviceBatches, load_mnist_sample, read_idx_split
 from pyro_vae.runner.state import EpochProgress
+from pyro_vae.runner.threads import ThreadTuner
 from pyro_vae.runner.train import fit_epoch
 from scripts import numpyro_vae
 from scripts._docs import machine_description, update_section
@@ -197,16 +198,19 @@ def pyro_loss(x, b, device, jit=False):
                      *eager_loop(loss_fn, optimizer, batches, device))
 
 
-def pyro_vae_trainer(x, b, device, fast=True, elbo="trace"):
-    """pyro-vae's Trainer: the loop ``pyro-vae train`` runs, nothing copied."""
+def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False):
+    """pyro-vae's Trainer: the loop ``pyro-vae train`` runs, nothing copied; ``threads``:
+    with its thread tuner, as ``pyro-vae train`` runs it on the CPU."""
     config = RunConfig().train
     config.elbo = elbo
     vae = VAE().to(device)
     trainer = Trainer(Objective(vae, make_elbo(config), len(x)), 1e-3, fast=fast)
     batches = DeviceBatches(x, b, dynamic=True)
+    tuner = ThreadTuner() if threads and device.type == "cpu" else None
 
     def epoch(n):
-        done = fit_epoch(trainer, batches, EpochProgress(batches.permutation(n)))
+        done = fit_epoch(trainer, batches, EpochProgress(batches.permutation(n)),
+                         threads=tuner)
         done.loss_sum.item()  # the one read per epoch that training makes
 
     name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}[elbo]

@@ -80,3 +80,17 @@ def test_pyros_own_ss_vae_loop_runs_on_our_data(tmp_path):
     assert [r["epoch"] for r in data["history"]] == [1, 2]
     assert 0 <= data["test_accuracy"] <= 1
     assert "## Pyro's own loop, 100 labels, 2 epochs" in doc.read_text()
+
+
+def test_the_load_benchmark_times_each_loop_quiet_and_beside_a_busy_core(tmp_path):
+    doc, out = tmp_path / "benchmarks.md", tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark_load", "--images", "1024", "--epochs", "1",
+         "--only", "pyro-vae", "--doc", str(doc), "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == [
+        "pyro-vae Trainer, fast step, thread tuner (pyro-vae train)"]
+    assert all(r["quiet_ms"] > 0 and r["loaded_ms"] > 0 for r in rows)
+    assert "## Training under load (cpu)" in doc.read_text()

@@ -43,6 +43,7 @@ from .state import (
     save_state,
 )
 from .step import Diverged, Trainer
+from .threads import ThreadTuner
 
 log = get_logger(__name__)
 
@@ -203,9 +204,12 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     board = None
     if writer is not None and config.train.tensorboard:
         board = TensorBoard(writer.path, purge_step=start_epoch + 1)
+    threads = ThreadTuner() if device.type == "cpu" else None
     with contextlib.ExitStack() as cleanup, StopRequest().installed() as stop:
         if board is not None:
             cleanup.callback(board.close)
+        if threads is not None:
+            cleanup.callback(threads.close)
         for epoch in range(start_epoch + 1, config.train.epochs + 1):
             if ctx.distributed:  # noise per (rank, epoch): resumable on any world size
                 torch.manual_seed(seeds.rank_epoch(config.train.seed, epoch, ctx.rank))
@@ -219,7 +223,7 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
                            initial=begun.step)
             try:
                 done = fit_epoch(
-                    trainer, batches, begun, bar=bar,
+                    trainer, batches, begun, bar=bar, threads=threads,
                     should_stop=(lambda: False) if ctx.distributed else (lambda: stop.requested))
             except Diverged as e:
                 failed = True
@@ -261,8 +265,12 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
 
 def fit_epoch(trainer: Trainer, batches: DeviceBatches, progress: EpochProgress, *,
               should_stop: Callable[[], bool] = lambda: False,
-              bar: Progress | None = None) -> EpochProgress:
+              bar: Progress | None = None, threads: ThreadTuner | None = None
+              ) -> EpochProgress:
     """Train on the epoch's batches from ``progress.step`` on; return the new progress.
+
+    ``threads``: a :class:`~pyro_vae.runner.threads.ThreadTuner` told of every step (on
+    the CPU: the thread count follows the load on the machine).
 
     Stops early (between two steps) when ``should_stop()`` turns true. Raises
     :class:`Diverged` at the end if a step met a non-finite value and the trainer does
@@ -277,6 +285,8 @@ def fit_epoch(trainer: Trainer, batches: DeviceBatches, progress: EpochProgress,
     step = progress.step
     trainer.objective.train()
     start = time.perf_counter()
+    if threads is not None:
+        threads.resume()
     for index in batches.indices(progress.perm, step):
         xb = batches.gather(index)
         try:
@@ -289,6 +299,8 @@ def fit_epoch(trainer: Trainer, batches: DeviceBatches, progress: EpochProgress,
         # the loss is scaled to N images: B / N of it is the batch's sum of -ELBO
         loss_sum = loss_sum + torch.where(ok, loss, 0.0) * (xb.shape[0] / len(batches.x))
         step += 1
+        if threads is not None:
+            threads.step_done()
         if bar is not None:
             bar.update()
         if should_stop():
