@@ -9,6 +9,10 @@
   PyTorch VAE example uses; not a density, and it says so.
 - :class:`AffineBeta`: a Beta on ``y = a x + b`` reported as the density of ``x`` itself,
   the Jacobian ``log a`` included.
+- :class:`Bernoulli`: torch's Bernoulli, whose ``log_prob`` without gradients (evaluation,
+  importance sampling) takes a third of the time at the same float32 accuracy: torch's
+  goes through ``log_sigmoid``, whose CPU kernel is not vectorized (about 6 ns an element
+  on the project's CPU, against 2 ns here; see :func:`softplus`).
 
 Everything is written in the logit ``l``, with ``lambda = sigmoid(l)``:
 
@@ -33,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
-__all__ = ["AffineBeta", "ContinuousBernoulli", "OpenInterval", "UnnormalizedBernoulli"]
+__all__ = ["AffineBeta", "Bernoulli", "ContinuousBernoulli", "OpenInterval",
+           "UnnormalizedBernoulli", "softplus"]
 
 # below these |logit|s the closed forms lose digits to cancellation; the series are exact
 # to float32 there (their first omitted terms are below 1e-9, 1e-9, 1e-8 and 1e-9)
@@ -115,6 +120,53 @@ def cb_cdf(logit: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     series = y + m * y * (y - 1) / 2
     c = torch.where(small, series, closed)
     return torch.where(positive, 1 - c, c).clamp(0, 1)
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 + exp(x))`` from vectorized operations only, without gradients.
+
+    ``max(x, 0) + log1p(exp(-|x|))``, where ``log1p(y)`` is ``log(u) - ((u - 1) - y)``
+    with ``u = 1 + y``: the rounding of ``1 + y`` corrected to first order (the textbook
+    form divides the correction by ``u``; that changes it by a factor ``1 - 1/u``, less
+    than ``y``, so by under ``6e-8 y``: float32 rounding of ``log1p(y)`` for every ``y``
+    in ``(0, 1]``, and exactly ``y`` where ``1 + y`` rounds to 1). torch's ``log1p`` and
+    ``softplus`` CPU kernels are scalar loops, ``exp`` and ``log`` vectorized. The
+    derivative of this form is wrong at ``x = 0`` (autograd sees the kinks of ``abs`` and
+    ``max``): use it where nothing is differentiated.
+    """
+    return _minus_log1p_exp(x.abs().neg_()).sub_(x.clamp_min(0)).neg_()
+
+
+def _minus_log1p_exp(t: torch.Tensor) -> torch.Tensor:
+    """``-log1p(exp(t))`` for ``t <= 0``, in place of ``t`` (see :func:`softplus`)."""
+    y = t.exp_()
+    u = 1 + y
+    return (u - 1).sub_(y).sub_(u.log_())
+
+
+class Bernoulli(dist.Bernoulli):
+    """Pyro's (torch's) Bernoulli; without gradients, ``log_prob`` is computed from
+    vectorized operations (:func:`softplus`): the same value to float32 rounding, in a
+    third of the time on the CPU.
+
+    ``x l - softplus(l)`` would cancel for ``x = 1`` and a large logit (``100 - 100``
+    where the answer is ``-e^-100``); written as ``-softplus(l)`` for ``x = 0`` and
+    ``-softplus(-l)`` for ``x = 1`` it is exact in both tails. That form holds on the
+    support, ``{0, 1}`` (values elsewhere are refused by validation, and data are checked
+    against the support when loaded); the sign is computed before the value is broadcast
+    over samples.
+    """
+
+    def log_prob(self, value):
+        if torch.is_grad_enabled() and self.logits.requires_grad:
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        value = torch.as_tensor(value, dtype=self.logits.dtype, device=self.logits.device)
+        sign = 1 - 2 * (value > 0.5).to(value.dtype)  # x = 0: l; x = 1: -l
+        logits = self.logits
+        # -softplus(s) = -log1p(exp(-|l|)) - max(s, 0), with s = sign * l and |s| = |l|
+        return torch.sub(_minus_log1p_exp(logits.abs().neg_()), (logits * sign).clamp_min_(0))
 
 
 class ContinuousBernoulli(dist.ContinuousBernoulli):

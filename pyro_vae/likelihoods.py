@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
-from .distributions import AffineBeta, ContinuousBernoulli, OpenInterval, UnnormalizedBernoulli
+from .distributions import (
+    AffineBeta,
+    Bernoulli,
+    ContinuousBernoulli,
+    OpenInterval,
+    UnnormalizedBernoulli,
+)
 from .errors import ConfigError, DataError
 from .registry import Registry
 
@@ -190,7 +196,7 @@ _MIN_SCALE = 1e-3  # keeps learned scales and concentrations away from 0
                      relaxed="bernoulli-relaxed")
 def bernoulli(logits):
     """Bernoulli on binary pixels, logits parameterization."""
-    return dist.Bernoulli(logits=logits)
+    return Bernoulli(logits=logits)
 
 
 @register_likelihood("bernoulli-relaxed", normalized=False)

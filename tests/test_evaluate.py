@@ -58,6 +58,7 @@ def test_chunking_combines_the_chunks_log_weights_exactly(ppca, monkeypatch):
     # the log weights themselves come from a fixed table, so the estimate must be the
     # log-mean-exp of the table's columns to rounding, however the samples are chunked
     vae, x, _ = ppca
+    monkeypatch.setattr(estimators, "CHUNK_SAMPLES", 1)  # every image in each chunk
     table = torch.randn(2000, len(x), generator=torch.Generator().manual_seed(4),
                         dtype=torch.float64) * 3
     expected = table.logsumexp(0) - math.log(2000)
@@ -75,6 +76,39 @@ def test_chunking_combines_the_chunks_log_weights_exactly(ppca, monkeypatch):
                                         max_elements=max_elements)
         assert len(served) == {10**9: 1, 200 * D * 7: 286, 200 * D * 1999: 2}[max_elements]
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_chunks_hold_fewer_images_to_draw_at_least_chunk_samples_each(ppca, monkeypatch):
+    vae, x, _ = ppca
+    shapes = []
+    real = estimators.log_weights
+
+    def spy(vae, xb, k, guide=None):
+        shapes.append((k, len(xb)))
+        return real(vae, xb, k, guide)
+
+    monkeypatch.setattr(estimators, "log_weights", spy)
+    importance_log_likelihood(vae, x[:40], num_samples=600, batch_size=40,
+                              max_elements=estimators.CHUNK_SAMPLES * D * 10)
+    assert {n for _, n in shapes} == {10}  # 10 images a chunk, not the batch's 40
+    assert max(k for k, _ in shapes) == estimators.CHUNK_SAMPLES  # 128 + 128 + ... + 88
+    assert sum(k for k, _ in shapes) == 600 * 4
+
+
+def test_the_fast_bernoulli_gives_torch_s_estimate(monkeypatch):
+    """The log p(x) of a Bernoulli VAE with pyro-vae's Bernoulli (no gradients: its fast
+    log-density) and with torch's own: the same to float32 rounding, with the same noise."""
+    import pyro.distributions as dist
+
+    from pyro_vae import VAE, likelihoods
+
+    torch.manual_seed(0)
+    vae = VAE("bernoulli", x_dim=784, z_dim=8, hidden_dims=(64,))
+    x = torch.rand(30, 784).bernoulli()
+    ours = importance_log_likelihood(vae, x, num_samples=300, seed=2)
+    monkeypatch.setattr(likelihoods, "Bernoulli", dist.Bernoulli)  # torch's log_sigmoid path
+    theirs = importance_log_likelihood(vae, x, num_samples=300, seed=2)
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-4)
 
 
 def test_log_weights_terms_are_the_log_densities_in_expectation(ppca):

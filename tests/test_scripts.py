@@ -94,3 +94,33 @@ def test_the_load_benchmark_times_each_loop_quiet_and_beside_a_busy_core(tmp_pat
         "pyro-vae Trainer, fast step, thread tuner (pyro-vae train)"]
     assert all(r["quiet_ms"] > 0 and r["loaded_ms"] > 0 for r in rows)
     assert "## Training under load (cpu)" in doc.read_text()
+
+
+def test_the_gpu_check_names_real_cuda_tests_and_reports_each_part(tmp_path):
+    """What a CPU can check of scripts/gpu_check: its CUDA tests exist, a part that
+    passes, fails or runs out of time is recorded as such, and the report lists them."""
+    import argparse
+
+    from scripts import gpu_check
+
+    for node in gpu_check.CUDA_TESTS:
+        path, name = node.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), node
+    names = [p[0] for p in gpu_check.parts(argparse.Namespace(
+        data_dir=None, epochs=2, scratch=str(tmp_path)))]
+    assert names == ["CUDA tests", "benchmark (cuda)", "pyro-vae train --device cuda, 3 epochs"]
+    results = [gpu_check.run_part("ok", [sys.executable, "-c", "print('fine')"], 30),
+               gpu_check.run_part("bad", [sys.executable, "-c", "raise SystemExit(3)"], 30),
+               gpu_check.run_part("slow", [sys.executable, "-c", "import time; time.sleep(5)"],
+                                  1)]
+    assert [r["outcome"] for r in results] == ["passed", "failed (exit 3)", "ran out of its 1 s"]
+    text = gpu_check.report(results, "a test machine")
+    assert "| ok | passed |" in text and "`fine`" in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+def test_the_gpu_check_without_a_gpu_says_so_and_exits_2(capsys):
+    from scripts import gpu_check
+
+    assert gpu_check.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
