@@ -20,14 +20,16 @@ def run() -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C, until training installs its own
     code = EXIT_INTERRUPTED
     try:
-        from .cli import main  # torch and pyro: seconds
+        try:
+            from .cli import main  # torch and pyro: seconds
 
-        code = main()
-    except KeyboardInterrupt:
+            code = main()
+        finally:  # the moment main is left the status is decided: no signal may change it
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except KeyboardInterrupt:  # while importing, or a second Ctrl-C while main reported one
         print("pyro-vae: interrupted", file=sys.stderr)
-    finally:  # the status is decided: no signal may change it now
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        code = EXIT_INTERRUPTED
     return code
 
 
