@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 # what sizes each command's memory, for the message of an allocation that failed
 _SIZED_BY = {"train": "--batch-size, --num-particles, --hidden-dims or --z-dim",
              "evaluate": "--batch-size or --iwae-samples", "sample": "-n",
-             "diagnose": "--images, --chains or --iwae-samples", "plot": "--batch-size"}
+             "diagnose": "--images, --chains or --iwae-samples"}
 _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "not enough memory")
 
 
@@ -323,7 +323,8 @@ def _failure(e: Exception, command: str | None = None) -> tuple[int, str]:
         return (EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USAGE), str(e)
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
             isinstance(e, RuntimeError) and any(w in str(e) for w in _OUT_OF_MEMORY)):
-        lower = f"lower {_SIZED_BY[command]}" if command in _SIZED_BY else "ask for less"
+        lower = (f"lower {_SIZED_BY[command]}" if command in _SIZED_BY else
+                 "free memory (close other programs), or use a machine with more")
         return EXIT_RESOURCE, (f"out of memory ({type(e).__name__}); {lower}"
                                + (", and --resume the run" if command == "train" else ""))
     if isinstance(e, OSError):

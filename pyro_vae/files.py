@@ -113,7 +113,7 @@ def _check_writable(dir_fd: int, path: Path) -> None:
 
 
 def _target(dir_fd: int, name: str, path: Path) -> None:
-    """Refuse a link (or a folder) where a file is about to be written."""
+    """Refuse a link where a file is about to be written, or a read-only folder."""
     if _is_link(dir_fd, name):
         raise _link_refused(path)
     _check_writable(dir_fd, path.parent)

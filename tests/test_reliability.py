@@ -966,3 +966,23 @@ def test_concurrent_evaluations_merge_eval_json_one_at_a_time(tmp_path, finished
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     kept = json.loads((run / "eval.json").read_text())["test"]
     assert set(kept) == {"2", "7"}
+
+
+def test_the_memory_check_counts_the_model_on_the_meta_device_and_names_the_settings(
+        monkeypatch):
+    from pyro_vae import ConfigError, RunConfig
+    from pyro_vae.runner import resolve
+
+    config = RunConfig()  # 784-400-20: 652,824 parameters, 10.4 MB with Adam's state
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(resolve, "memory_bytes", lambda device: 11_000_000)
+    resolve.check_memory(config, cpu)  # fits
+    monkeypatch.setattr(resolve, "memory_bytes", lambda device: 10_000_000)
+    with pytest.raises(ConfigError, match=r"652,824 parameters, 10.0 MiB.*9.5 MiB") as info:
+        resolve.check_memory(config, cpu)
+    assert "ModelConfig.hidden_dims or ModelConfig.z_dim" in str(info.value)
+    monkeypatch.setattr(resolve, "memory_bytes", lambda device: 10**9)
+    config.train.num_particles = 1000  # 128 x 1000 x 784 outputs: 1.2 GB at least
+    with pytest.raises(ConfigError, match="TrainConfig.num_particles"):
+        resolve.check_memory(config, cpu)
+    resolve.check_memory(config, cpu, num_train=100)  # 100 images a batch: 0.94 GB, fits

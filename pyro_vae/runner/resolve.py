@@ -98,14 +98,16 @@ def memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(config: RunConfig, device: torch.device) -> None:
+def check_memory(config: RunConfig, device: torch.device, num_train: int | None = None
+                 ) -> None:
     """Refuse up front (:class:`ConfigError`, naming the settings to lower) a model or a
     batch that cannot fit in ``device``'s memory however the run goes.
 
     Both figures are lower bounds: the parameters with their gradients and Adam's two
     moments (counted on a model built on the ``meta`` device, which allocates nothing),
     and the decoder's output for one batch with its gradient and log-density. A run
-    refused here would fail in its first step, or be killed by the kernel.
+    refused here would fail in its first step, or be killed by the kernel. ``num_train``:
+    the training images, when fewer than a batch.
     """
     total = memory_bytes(device)
     if total is None:
@@ -122,16 +124,17 @@ def check_memory(config: RunConfig, device: torch.device) -> None:
                           f"{_size(total)} of memory here; lower {{model.hidden_dims}} or "
                           "{model.z_dim}")
     t = config.train
-    batch = t.batch_size * t.num_particles * config.model.x_dim * 4 * 3
+    images = min(t.batch_size, num_train or t.batch_size)
+    batch = images * t.num_particles * config.model.x_dim * 4 * 3
     if batch > total:
-        raise ConfigError(f"a batch of {t.batch_size} images x {t.num_particles} particles "
+        raise ConfigError(f"a batch of {images} images x {t.num_particles} particles "
                           f"needs at least {_size(batch)} for the decoder's output alone: more "
                           f"than the {_size(total)} of memory here; lower {{train.num_particles}} "
                           "or {train.batch_size}")
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB"
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 @dataclass

@@ -116,7 +116,7 @@ def _train(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     writer = run_dir if ctx.is_main else None  # the process that writes the run folder
     # data and model first: a setting that fails there changes nothing on disk
     splits = resolve(config, device, recorded=state is not None)
-    check_memory(config, device)
+    check_memory(config, device, num_train=len(splits.train_x))
     pyro.set_rng_seed(seeds.process(config.train.seed, ctx.rank))  # noise per rank
     vae = build_vae(config).to(device)
     labels = _give_labels(config, vae, splits)
