@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - every failure leaves as one line
             if os.environ.get("PYRO_VAE_DEBUG"):
                 raise
-            code, message = _failure(e, args.command)
+            code, message = _failure(e, args.command, _path_flag(args, e))
             print(f"pyro-vae: error: {message}", file=sys.stderr)
             return code
         except KeyboardInterrupt:  # a second Ctrl-C: abort at once (the last checkpoint stands)
@@ -317,8 +317,24 @@ _SIZED_BY = {"train": "--batch-size, --num-particles, --hidden-dims or --z-dim",
 _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "not enough memory")
 
 
-def _failure(e: Exception, command: str | None = None) -> tuple[int, str]:
-    """The exit status and one-line message for an exception that left a command."""
+# the options that name paths, as each command spells them
+_PATH_FLAGS = {"out": "--out", "resume": "--resume", "data_dir": "--data-dir",
+               "config": "--config", "run_dir": "RUN_DIR"}
+
+
+def _path_flag(args: argparse.Namespace, e: Exception) -> str | None:
+    """The option whose path an ``OSError`` is about (the longest that leads to it)."""
+    filename = str(getattr(e, "filename", None) or "")
+    given = [(str(value), flag) for name, flag in _PATH_FLAGS.items()
+             if (value := getattr(args, name, None)) is not None]
+    matches = [(len(v), flag) for v, flag in given if filename.startswith(v)]
+    return max(matches)[1] if filename and matches else None
+
+
+def _failure(e: Exception, command: str | None = None, flag: str | None = None
+             ) -> tuple[int, str]:
+    """The exit status and one-line message for an exception that left a command; ``flag``:
+    the option whose path an ``OSError`` is about, named in the fix."""
     if isinstance(e, PyroVAEError):
         return (EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USAGE), str(e)
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
@@ -335,9 +351,10 @@ def _failure(e: Exception, command: str | None = None) -> tuple[int, str]:
                     "from its last checkpoint, intact)" if command == "train" else
                     "then run it again: what it had written before is intact")
             return EXIT_RESOURCE, f"{reason}{where}; free some space, {then}"
+        given = f" given to {flag}" if flag else ""
         if e.errno == errno.ENAMETOOLONG:
-            return EXIT_USAGE, f"{reason}{where}; choose a shorter path"
-        return EXIT_USAGE, f"{reason}{where}; check the path and its permissions"
+            return EXIT_USAGE, f"{reason}{where}; choose a shorter path{given}"
+        return EXIT_USAGE, f"{reason}{where}; check the path{given} and its permissions"
     text = " ".join(str(e).split())[:200]
     return EXIT_INTERNAL, (f"internal error ({type(e).__name__}: {text}); please report it, "
                            "with the traceback that PYRO_VAE_DEBUG=1 shows")
