@@ -243,6 +243,12 @@ def damage_checkpoint(kind):
     return setup
 
 
+def read_only_board(tmp):
+    """A run trained with TensorBoard whose events folder was made read-only."""
+    edit_config("train", "tensorboard", True)(tmp)
+    (tmp / "run" / "tensorboard").mkdir(mode=0o555)
+
+
 def crafted_image_size(pixels):
     """A run whose config.json and checkpoint agree on images of ``pixels`` pixels, over
     data of 784: consistent with itself, not with its data."""
@@ -403,6 +409,8 @@ CASES = [
      ["evaluate", "{run}", "--iwae-samples", "2"], 2, "model.z_dim must be at most"),
     ("config nested 100,000 deep", damage_json("config.json", "[" * 100_000 + "]" * 100_000),
      ["evaluate", "{run}", "--iwae-samples", "2"], 2, "nested deeper than 64"),
+    ("tensorboard read-only", read_only_board,
+     ["train", "--resume", "{run}", "--epochs", "3"], 2, "tensorboard is read-only"),
     ("tensorboard is a file", lambda tmp: (edit_config("train", "tensorboard", True)(tmp),
                                            damage_json("tensorboard", "x")(tmp)),
      ["train", "--resume", "{run}", "--epochs", "3"], 2, "is a file, where TensorBoard"),

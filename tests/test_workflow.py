@@ -171,6 +171,28 @@ def test_evaluate_keeps_a_damaged_eval_json_before_writing(run_folder):
     assert set(read_evaluations(run_folder)["test"]) == {"2"}
 
 
+@pytest.mark.parametrize("content, entry", [
+    ('{"test": 5}', "test is not an object of results by K"),
+    ('{"test": [1, 2]}', "test is not an object of results by K"),
+    ('{"valid": {}}', "unknown split 'valid'"),
+    ('{"test": {"5": {"log_px": "high"}}}', "test.5.log_px is not a number"),
+], ids=["split a number", "split a list", "unknown split", "log_px a string"])
+def test_a_malformed_eval_json_is_named_before_the_evaluation_and_kept(
+        run_folder, content, entry, caplog, monkeypatch):
+    """The schema is checked before the evaluation runs (it was met only after it, and its
+    result lost): a warning names the entry, the file is kept, the result is written."""
+    (run_folder / "eval.json").write_text(content)
+    order = []
+    real = pyro_vae.commands.evaluate_run
+    monkeypatch.setattr(pyro_vae.commands, "evaluate_run", lambda *a, **k: (
+        order.append(("evaluated", "damaged" in caplog.text)), real(*a, **k))[1])
+    pyro_vae.evaluate(run_folder, iwae_samples=2)
+    assert order == [("evaluated", True)]  # the warning came first
+    assert entry in caplog.text
+    assert (run_folder / "eval.json.damaged").read_text() == content
+    assert set(read_evaluations(run_folder)["test"]) == {"2"}
+
+
 def test_sample_repeats_with_its_seed_and_leaves_the_global_stream_alone(run_folder, tmp_path):
     run = pyro_vae.load_run(run_folder)
     torch.manual_seed(123)
