@@ -78,6 +78,17 @@ class ModelConfig:
     z1_dim: int = setting(100, "two layers: size of the lower latent layer z1", low=1)
     top_hidden_dims: tuple[int, ...] = setting(
         (50, 50), "two layers: hidden sizes between z1 and z2", low=1)
+    prior: Literal["standard", "vamp"] = setting(
+        "standard", "p(z): standard (N(0, I)) or vamp (the VampPrior of Tomczak & Welling, "
+        "2018: the guide's mixture at learned pseudo-inputs)")
+    pseudo_inputs: int = setting(500, "vamp: number K of learned pseudo-inputs", low=1,
+                                 metavar="K")
+    guide: Literal["gaussian", "iaf"] = setting(
+        "gaussian", "q(z | x): gaussian (diagonal) or iaf (the Gaussian followed by inverse "
+        "autoregressive flows, Kingma et al. 2016)")
+    flows: int = setting(2, "iaf: number of flow steps", low=1, metavar="T")
+    flow_hidden: int = setting(320, "iaf: hidden units of each step's autoregressive network",
+                               low=1)
     x_dim: int = setting(784, "pixels per image; set from the data", low=1, cli=False)
 
 

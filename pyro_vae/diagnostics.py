@@ -18,6 +18,12 @@ For chosen images ``x`` and the trained decoder (frozen):
 
   with q* a Gaussian optimized for each image separately by SVI, starting from the
   encoder's output, and log p(x) importance-sampled with q* as the proposal.
+
+  For a flow guide (``ModelConfig.guide = "iaf"``) the amortized ELBO is the flow's and q*
+  stays the best *Gaussian* per image: the approximation gap is that of the Gaussian
+  family, and a negative "amortization gap" says the amortized flow beats every Gaussian,
+  i.e. the flow closed more than the gap the Gaussian family leaves. The total
+  ``log p(x) - ELBO`` is the flow's own either way.
 """
 
 from __future__ import annotations
@@ -210,7 +216,7 @@ def diagnose(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int 
     """
     vae.eval()
     with fixed_noise(seed, x.device), torch.no_grad():
-        guide_draws = vae.encode(x).sample((num_samples,)).permute(1, 0, 2).cpu().numpy()
+        guide_draws = vae.posterior(x).sample((num_samples,)).permute(1, 0, 2).cpu().numpy()
     nuts, divergent = [], []
     started = time.perf_counter()
     with Progress(len(x), "NUTS", unit="image", show=progress, every=1 / len(x)) as bar:

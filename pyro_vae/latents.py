@@ -3,6 +3,9 @@
 - :func:`kl_per_dimension`: the average KL(q(z_d | x) || N(0, 1)) of each latent
   dimension over images -- which dimensions the model uses (near 0: an unused,
   "collapsed" dimension);
+- :func:`active_units`: how many dimensions the posterior mean moves with the image
+  (Burda et al., 2015: ``Cov_x(E_q[z_d | x]) > 0.01``), for any guide with a
+  ``posterior(x)``;
 - :func:`traversals`: one image's posterior mean with one dimension at a time set to prior
   quantiles (the picture of disentanglement papers and pythae);
 - :func:`interpolations`: decoded points on the path between two images' posterior
@@ -21,6 +24,32 @@ from torch.distributions import Normal, kl_divergence
 from .model import VAE
 
 INTERPOLATIONS = ("linear", "spherical")
+
+
+ACTIVE_THRESHOLD = 0.01  # Burda et al. (2015)
+MEAN_DRAWS = 500  # draws per image where the posterior mean has no closed form (flows)
+
+
+@torch.no_grad()
+def posterior_means(vae, x: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """``E_q[z | x]`` for each image ``(N, z_dim)``: the guide's mean where it has one in
+    closed form (the Gaussian), else the average of :data:`MEAN_DRAWS` draws (a flow; its
+    Monte Carlo variance, at most ``1 / MEAN_DRAWS`` per unit of posterior variance, stays
+    well below the active-unit threshold)."""
+    means = []
+    for xb in x.split(batch_size):
+        q = vae.posterior(xb)
+        try:
+            means.append(q.mean)
+        except NotImplementedError:
+            means.append(q.sample((MEAN_DRAWS,)).mean(0))
+    return torch.cat(means)
+
+
+def active_units(vae, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
+    """The number of latent dimensions whose posterior mean varies over the images ``x``
+    by more than ``threshold`` (a variance; Burda et al., 2015)."""
+    return int((posterior_means(vae, x).var(0) > threshold).sum())
 
 
 @torch.no_grad()

@@ -30,8 +30,11 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from .errors import ConfigError
+from .flows import InverseAutoregressiveFlow
 from .likelihoods import Likelihood, get_likelihood
 from .networks import Encoder, Network, get_network
+from .priors import VampPrior
 
 
 class VAE(nn.Module):
@@ -55,6 +58,11 @@ class VAE(nn.Module):
         activation: str = "relu",
         likelihood_options: dict | None = None,
         network: Network | str = "mlp",
+        prior: str = "standard",
+        pseudo_inputs: int = 500,
+        guide: str = "gaussian",
+        flows: int = 2,
+        flow_hidden: int = 320,
     ):
         super().__init__()
         if isinstance(likelihood, str):
@@ -67,6 +75,26 @@ class VAE(nn.Module):
         self.x_dim, self.z_dim = x_dim, z_dim
         self.encoder, self.decoder = network.build(x_dim, z_dim, tuple(hidden_dims), activation,
                                                    likelihood.num_params)
+        self.prior_name, self.guide_name = prior, guide
+        self.vamp = self.flow = None
+        if prior == "vamp":
+            self.vamp = VampPrior(pseudo_inputs, x_dim)
+            # the protocol's optional pseudo_inputs() -> (K, x_dim): the figure of them
+            self.pseudo_inputs = self.vamp.pseudo_inputs
+        elif prior != "standard":
+            raise ConfigError(f"unknown prior {prior!r}; {{model.prior}} is standard or vamp")
+        if guide == "iaf":
+            if not all(hasattr(self.encoder, a) for a in ("features", "gaussian", "feature_dim")):
+                raise ConfigError(f"{{model.guide=iaf}} conditions the flow on the encoder's "
+                                  f"features, which the {network.name} network's encoder does "
+                                  "not give (features, gaussian, feature_dim); use "
+                                  "{model.network=mlp} or conv")
+            if z_dim < 2:
+                raise ConfigError("{model.guide=iaf} needs {model.z_dim} of at least 2")
+            self.flow = InverseAutoregressiveFlow(z_dim, self.encoder.feature_dim, flows,
+                                                  flow_hidden)
+        elif guide != "gaussian":
+            raise ConfigError(f"unknown guide {guide!r}; {{model.guide}} is gaussian or iaf")
 
     def model(self, x: torch.Tensor, num_data: int | None = None,
               kl_weight: torch.Tensor | None = None, index: torch.Tensor | None = None
@@ -77,21 +105,37 @@ class VAE(nn.Module):
         scales the latent site in model and guide, so the ELBO's KL term is weighted
         (beta-VAE, KL warm-up).
         """
-        batch = x.shape[0]
         with data_plate(x, num_data, index):
-            # device tensors, not Python floats: nothing is copied from the host per step,
-            # which CUDA-graph capture requires
-            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([batch, self.z_dim])
             with weighted(kl_weight):
-                z = pyro.sample("z", prior.to_event(1))  # (..., B, z_dim)
+                z = pyro.sample("z", self.prior(x.shape[0], x))  # (..., B, z_dim)
             pyro.sample("x", self.observation(z).to_event(1), obs=x)
+
+    def prior(self, batch: int, like: torch.Tensor | None = None) -> dist.Distribution:
+        """p(z), batch shape ``(batch,)``, event shape ``(z_dim,)``: N(0, I) or the
+        VampPrior (:mod:`pyro_vae.priors`). ``like``: a tensor on the device and of the
+        dtype wanted (the parameters' by default)."""
+        if self.vamp is not None:
+            return self.vamp.distribution(self.encoder).expand([batch])
+        like = next(self.parameters()) if like is None else like
+        # device tensors, not Python floats: nothing is copied from the host per step,
+        # which CUDA-graph capture requires
+        standard = dist.Normal(like.new_zeros(()), like.new_ones(()))
+        return standard.expand([batch, self.z_dim]).to_event(1)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None,
               kl_weight: torch.Tensor | None = None, index: torch.Tensor | None = None
               ) -> None:
-        """q(z | x) = N(loc(x), diag(scale(x))^2) for a batch ``x`` of shape ``(B, x_dim)``."""
-        loc, z_scale = self.encoder(x)  # (B, z_dim) each
-        self.gaussian_guide(x, loc, z_scale, num_data, kl_weight, index)
+        """q(z | x) for a batch ``x`` of shape ``(B, x_dim)``: :meth:`posterior`."""
+        with data_plate(x, num_data, index), weighted(kl_weight):
+            pyro.sample("z", self.posterior(x))
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x), batch shape ``(B,)``, event shape ``(z_dim,)``: N(loc(x),
+        diag(scale(x))^2), followed by the flow (:mod:`pyro_vae.flows`) with the iaf guide."""
+        if self.flow is None:
+            return dist.Normal(*self.encoder(x)).to_event(1)
+        h = self.encoder.features(x)
+        return self.flow.distribution(dist.Normal(*self.encoder.gaussian(h)).to_event(1), h)
 
     @staticmethod
     def gaussian_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
@@ -122,9 +166,15 @@ class VAE(nn.Module):
         return self.observation(z)
 
     def encode(self, x: torch.Tensor) -> dist.Normal:
-        """q(z | x), batch shape ``(..., z_dim)``."""
-        loc, scale = self.encoder(x)
-        return dist.Normal(loc, scale)
+        """q(z | x), batch shape ``(..., z_dim)``, for the pictures. With the iaf guide, a
+        Normal at the flow's image of the base mean (a point estimate) with the base's
+        scale; :meth:`posterior` is the guide itself."""
+        if self.flow is None:
+            return dist.Normal(*self.encoder(x))
+        h = self.encoder.features(x)
+        loc, scale = self.encoder.gaussian(h)
+        flow = self.flow.distribution(dist.Normal(loc, scale).to_event(1), h)
+        return dist.Normal(self.flow.push(flow, loc), scale)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +183,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample_prior(self, num_samples: int) -> dist.Distribution:
-        """p(x | z) for ``num_samples`` draws ``z ~ N(0, I)``."""
+        """p(x | z) for ``num_samples`` draws ``z ~ p(z)``."""
+        if self.vamp is not None:
+            return self.decode(self.prior(num_samples).sample())
         p = next(self.parameters())
         return self.decode(p.new_empty(num_samples, self.z_dim).normal_())
 

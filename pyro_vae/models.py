@@ -40,8 +40,10 @@ likelihood: Likelihood) -> nn.Module``, and the numeric options it accepts
 
 The registry's rules (``--import MODULE``, entry points ``pyro_vae.models``, runs that name
 the module that registered their model) are those of :mod:`pyro_vae.registry`. Built in:
-``vae`` (Kingma & Welling; two stochastic layers with ``ModelConfig.stochastic_layers``)
-and ``m2`` (:mod:`pyro_vae.semisupervised`).
+``vae`` (Kingma & Welling; two stochastic layers with ``ModelConfig.stochastic_layers``;
+the VampPrior with ``ModelConfig.prior``, an IAF guide with ``ModelConfig.guide``) and
+``m2`` (:mod:`pyro_vae.semisupervised`). A model offers a prior or guide other than the
+standard ones by setting ``prior_name`` / ``guide_name`` to the setting's value.
 """
 
 from __future__ import annotations
@@ -119,6 +121,12 @@ def build_model(config: ModelConfig, likelihood: Likelihood) -> nn.Module:
         if not callable(getattr(model, method, None)):
             raise ConfigError(f"model '{config.name}' built a {type(model).__name__} without "
                               f"a {method}() method; see pyro_vae.models for the protocol")
+    for setting, default in (("prior", "standard"), ("guide", "gaussian")):
+        chosen = getattr(config, setting)
+        if getattr(model, f"{setting}_name", default) != chosen:
+            raise ConfigError(f"model '{config.name}' has no {setting} '{chosen}' (the vae "
+                              f"model with one stochastic layer has); leave "
+                              f"{{model.{setting}={default}}}")
     return model
 
 
@@ -132,7 +140,9 @@ def vae(config: ModelConfig, likelihood: Likelihood) -> VAE:
     if config.stochastic_layers == 2:
         return TwoLayerVAE(likelihood, z1_dim=config.z1_dim,
                            top_hidden_dims=config.top_hidden_dims, **common)
-    return VAE(likelihood, **common)
+    return VAE(likelihood, prior=config.prior, pseudo_inputs=config.pseudo_inputs,
+               guide=config.guide, flows=config.flows, flow_hidden=config.flow_hidden,
+               **common)
 
 
 @register_model("m2", options={"aux_loss_multiplier": 46.0, "classes": 10.0})

@@ -9,7 +9,9 @@ A *network* is a builder registered by name (``ModelConfig.network``)::
     build(x_dim, z_dim, hidden_dims, activation, num_params) -> (encoder, decoder)
 
 where ``encoder(x)`` returns ``(loc, scale)`` of q(z | x), each ``(..., z_dim)``, and
-``decoder(z)`` returns the likelihood's raw parameters ``(..., num_params, x_dim)``.
+``decoder(z)`` returns the likelihood's raw parameters ``(..., num_params, x_dim)``. A flow
+guide (``ModelConfig.guide``) also needs the encoder's ``features(x) -> h``
+``(..., feature_dim)`` and ``gaussian(h) -> (loc, scale)``, as the built-in encoders have.
 Built in: ``mlp`` (multilayer perceptrons, ``hidden_dims`` per layer) and ``conv`` (a
 small convolutional encoder and transposed-convolutional decoder for square images;
 ``hidden_dims[0]`` is its dense layer). Register your own with :func:`register_network`.
@@ -56,11 +58,19 @@ class Encoder(nn.Module):
     def __init__(self, x_dim: int, hidden_dims: Sequence[int], z_dim: int, activation: str):
         super().__init__()
         self.body = mlp([x_dim, *hidden_dims], activation)
-        self.head = nn.Linear(([x_dim, *hidden_dims])[-1], 2 * z_dim)
+        self.feature_dim = ([x_dim, *hidden_dims])[-1]
+        self.head = nn.Linear(self.feature_dim, 2 * z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)  # (..., H)
-        loc, raw_scale = self.head(h).chunk(2, dim=-1)  # (..., z_dim) each
+        return self.gaussian(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer ``(..., feature_dim)``: the context of a flow guide."""
+        return self.body(x)
+
+    def gaussian(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of q(z | x), each ``(..., z_dim)``, from the features ``h``."""
+        loc, raw_scale = self.head(h).chunk(2, dim=-1)
         return loc, F.softplus(raw_scale) + 1e-6
 
 
@@ -108,11 +118,12 @@ class ConvEncoder(nn.Module):
             nn.Conv2d(32, 64, 4, stride=2, padding=1), act(),
             nn.Flatten(), nn.Linear(64 * (side // 4) ** 2, hidden), act())
         self.head = nn.Linear(hidden, 2 * z_dim)
+        self.feature_dim = hidden
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = _flat_batch(self.body, x, 1, self.side, self.side)  # (..., hidden)
-        loc, raw_scale = self.head(h).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale) + 1e-6
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return _flat_batch(self.body, x, 1, self.side, self.side)  # (..., hidden)
+
+    forward, gaussian = Encoder.forward, Encoder.gaussian
 
 
 class ConvDecoder(nn.Module):

@@ -73,6 +73,9 @@ def check_config(config: RunConfig) -> RunConfig:
     # a network this process lacks fails here, naming the module the run recorded
     get_network(config.model.network, config.model.network_module)
     config.model.network_module = network_module(config.model.network)
+    if config.train.dreg and config.model.guide != "gaussian":
+        raise ConfigError("{train.dreg} (doubly reparameterized gradients) needs the Gaussian "
+                          "guide; drop it, or leave {model.guide=gaussian}")
     kind = get_model(config.model.name, config.model.model_module)
     kind.check_options(config.model.model_options)
     config.model.model_module = model_module(config.model.name)
