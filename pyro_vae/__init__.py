@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 # the public names, by the module that defines each
 _MODULES = {
-    "commands": "diagnose_run evaluate evaluate_run read_evaluations sample write_figures",
+    "commands": "calibrate diagnose_run evaluate evaluate_run read_evaluations sample "
+                "write_figures",
     "config": "DataConfig ModelConfig RunConfig TrainConfig",
     "data": "Dataset load_dataset",
     "errors": "CheckpointError ConfigError DataError PyroVAEError RunDirError TrainingDiverged",
@@ -46,6 +47,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .commands import (
+        calibrate,
         diagnose_run,
         evaluate,
         evaluate_run,
@@ -89,7 +91,7 @@ __all__ = [
     "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "RunDirError",
     "TrainingDiverged",
     "available_likelihoods", "available_models", "available_networks", "build_vae",
-    "diagnose_run", "elbo_terms", "evaluate", "evaluate_run", "figures_for_run",
+    "calibrate", "diagnose_run", "elbo_terms", "evaluate", "evaluate_run", "figures_for_run",
     "get_likelihood", "importance_log_likelihood", "load_dataset", "load_run", "log_weights",
     "make_elbo", "read_evaluations", "register_likelihood", "register_model",
     "register_network", "sample", "train", "write_figures",

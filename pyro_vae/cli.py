@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 from . import __version__, config
-from .commands import SPLITS, diagnose_run, evaluate, evaluation_table, sample, write_figures
+from .commands import (
+    SPLITS,
+    calibrate,
+    diagnose_run,
+    evaluate,
+    evaluation_table,
+    sample,
+    write_figures,
+)
 from .config import RunConfig
 from .errors import ConfigError, PyroVAEError, TrainingDiverged, naming
 from .likelihoods import available_likelihoods, get_likelihood
@@ -179,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         "seed": "the seed of NUTS and of the guide's draws",
         "device": ("the device (NUTS on one image is faster on the CPU)",
                    {"choices": config.DEVICES})})
+    c = command("calibrate", cmd_calibrate, "simulation-based calibration of the guide",
+                "Simulation-based calibration of q(z | x): ranks of latents drawn from the "
+                "model among the guide's draws, ECDF bands, moments "
+                "(calibration.json, figures/calibration.png).")
+    _add_options(c, calibrate, {"simulations": "pairs (z, x) drawn from the model",
+                                "draws": "guide draws per simulated image",
+                                "seed": "the same seed gives the same result",
+                                "device": device})
     command("likelihoods", cmd_likelihoods, "list the registered likelihoods",
             "Every registered likelihood: outputs per pixel, support, options.")
     command("models", cmd_models, "list the registered models",
@@ -265,6 +281,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    result = calibrate(args.run_dir, args.simulations, args.draws, args.seed,
+                       device=args.device, progress=False if args.quiet else None)
+    print(f"{result.table()}\nwrote {args.run_dir / 'calibration.json'} and "
+          f"{args.run_dir / 'figures' / 'calibration.png'}")
+    return 0
+
+
 def cmd_likelihoods(args: argparse.Namespace) -> int:
     print("\n".join(get_likelihood(name).summary() for name in available_likelihoods()))
     return 0
@@ -313,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 # what sizes each command's memory, for the message of an allocation that failed
 _SIZED_BY = {"train": "--batch-size, --num-particles, --hidden-dims or --z-dim",
              "evaluate": "--batch-size or --iwae-samples", "sample": "-n",
-             "diagnose": "--images, --chains or --iwae-samples"}
+             "diagnose": "--images, --chains or --iwae-samples",
+             "calibrate": "--simulations or --draws"}
 _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "not enough memory")
 
 

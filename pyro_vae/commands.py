@@ -10,6 +10,7 @@ what its command does -- results returned, files written where the command write
     pyro_vae.write_figures(run)                   # plot
     pyro_vae.sample(run, 16, out="samples.png")   # sample
     pyro_vae.diagnose_run(run, images=2)          # diagnose
+    pyro_vae.calibrate(run, simulations=1000)     # calibrate
 
 ``train`` is :func:`pyro_vae.train` itself. The command-line tool derives its options
 from these signatures (defaults included), calls these functions, and only prints.
@@ -27,13 +28,16 @@ import torch
 from matplotlib.figure import Figure
 
 from . import seeds
+from .calibration import Calibration, calibrate_model
 from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError, get_logger
 from .estimators import correct, elbo_terms, fixed_noise, importance_log_likelihood
 from .files import check_writable, parse_json, read_bytes, refuse_link, write_atomic
+from .latents import active_units
 from .model import VAE
 from .plots import (
+    calibration_ecdf,
     describe,
     figures_for_run,
     forest,
@@ -53,6 +57,7 @@ log = get_logger(__name__)
 
 EVALUATIONS = "eval.json"
 DIAGNOSTICS = "diagnostics.json"
+CALIBRATION = "calibration.json"
 SPLITS = ("test", "train")
 MAX_DIAGNOSED_IMAGES = 100  # NUTS per image: past this, diagnose takes hours
 MAX_SAMPLES = 10_000  # images in one sample grid (100 x 100; 2,800 pixels a side)
@@ -108,6 +113,9 @@ def evaluate_run(run: Run, split: str = "test", iwae_samples: int = 5000,
     # density of 8-bit pixels is not one without dequantization, so none is given then
     result["bits_per_dim"] = (-result["log_px"] / (vae.x_dim * math.log(2))
                               if lik.binary else None)
+    if hasattr(vae, "posterior"):  # a guide that gives q(z | x): Burda's active units
+        with fixed_noise(seeds.importance_noise(config.train.seed), x.device):
+            result["active_units"] = active_units(vae, x)
     if hasattr(vae, "classify"):  # a model with classes: how often argmax q(y | x) is right
         result["accuracy"] = correct(vae, x, y.to(x.device), batch_size).item() / n
     result["seconds"] = time.perf_counter() - start
@@ -123,6 +131,8 @@ def evaluation_table(r: dict) -> str:
                       ("  KL(q || p)", "kl"), (f"log p(x), K={r['iwae_samples']}", "log_px"),
                       ("log p(x) - ELBO", "gap")]:
         lines.append(f"  {name:18s} {r[key]:10.2f}  +- {r[key + '_se']:.2f}")
+    if r.get("active_units") is not None:
+        lines.append(f"  {'active units':18s} {r['active_units']:10d}  (Cov_x E_q[z] > 0.01)")
     if r["bits_per_dim"] is not None:
         lines.append(f"  {'bits/dim':18s} {r['bits_per_dim']:10.4f}")
     if r.get("accuracy") is not None:
@@ -310,6 +320,29 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
                                               "settings": settings}))
         save_figures(diagnosis_figures(result, about=describe(run)), run.path / "figures",
                      root=run.path)
+    return result
+
+
+def calibrate(run: Run | str | os.PathLike, simulations: int = 1000, draws: int = 100,
+              seed: int = 0, *, device: str = "auto", write: bool = True,
+              progress: bool | None = False) -> Calibration:
+    """Simulation-based calibration of a run's guide (:mod:`pyro_vae.calibration`); the
+    run's test images give the aggregate posterior on data. With ``write``:
+    ``RUN_DIR/calibration.json`` and ``RUN_DIR/figures/calibration.png``."""
+    run = as_run(run, device)
+    outputs = RunDir(run.path) if write and run.path is not None else None
+    if outputs is not None:  # before the work: its result must have a place to go
+        outputs.check_output(CALIBRATION)
+        check_writable(run.path / "figures", run.path, no_links=True)
+    result = calibrate_model(run.vae, simulations, draws, seed,
+                             data=run.data.test_x[:simulations], progress=progress)
+    if outputs is not None:
+        settings = {"simulations": simulations, "draws": draws, "seed": seed,
+                    "epoch": run.epoch}
+        with outputs.outputs_lock():
+            outputs.write(CALIBRATION, _json({**result.to_dict(), "settings": settings}))
+        save_figures({"calibration": calibration_ecdf(result, about=describe(run))},
+                     run.path / "figures", root=run.path)
     return result
 
 

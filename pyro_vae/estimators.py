@@ -118,6 +118,27 @@ def _enumerates(vae, guide) -> bool:
 
 
 @torch.no_grad()
+def _latent(trace) -> list[str]:
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+            and not site_is_subsample(site)]
+
+
+def latent_sites(model, x: torch.Tensor) -> list[str]:
+    """The names of the guide's latent sample sites for a batch ``x`` (plates left out)."""
+    return _latent(poutine.trace(model.guide).get_trace(x))
+
+
+@torch.no_grad()
+def guide_draws(model, x: torch.Tensor, num_draws: int) -> dict[str, torch.Tensor]:
+    """``num_draws`` joint draws of every latent site of the guide for each image of ``x``
+    ``(B, x_dim)``, vectorized (a plate at dim -2): ``{site: (num_draws, B, *event)}``.
+    Discrete sites are drawn, not enumerated."""
+    with pyro.plate("guide_draws", num_draws, dim=-2):
+        trace = poutine.trace(model.guide).get_trace(x)
+    return {name: trace.nodes[name]["value"] for name in _latent(trace)}
+
+
 def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> LogWeights:
     """Trace the guide (``num_samples`` draws per image) and replay the model on them.
 

@@ -341,14 +341,14 @@ def accuracy_curves(metrics: Sequence[dict], ax: Axes | None = None,
 
 
 FIGURE_KINDS = ("reconstructions", "samples", "curves", "latent", "manifold", "traversals",
-                "interpolations", "accuracy", "confusion", "conditional")
+                "interpolations", "accuracy", "confusion", "conditional", "pseudo_inputs")
 
 # what each figure asks of the model (the optional methods of pyro_vae.models' protocol)
 _NEEDS = {"reconstructions": ("reconstruct",), "samples": ("sample_prior",), "curves": (),
           "latent": ("encode",), "manifold": ("decode",),
           "traversals": ("encode", "decode"), "interpolations": ("encode", "decode"),
           "accuracy": ("classify",), "confusion": ("classify",),
-          "conditional": ("analogies",)}
+          "conditional": ("analogies",), "pseudo_inputs": ("pseudo_inputs",)}
 
 
 def figure_kinds(vae) -> tuple[str, ...]:
@@ -404,7 +404,17 @@ def run_figures(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor,
                                                 about=about)
     if "conditional" in kinds:
         figures["conditional"] = conditional_generation(vae, test_x[:8], about=about)
+    if "pseudo_inputs" in kinds:
+        figures["pseudo_inputs"] = pseudo_input_grid(vae.pseudo_inputs(), about=about)
     return figures
+
+
+def pseudo_input_grid(pseudo_inputs: torch.Tensor, max_shown: int = 100,
+                      about: str | None = None) -> Figure:
+    """The first ``max_shown`` of a VampPrior's learned pseudo-inputs ``(K, x_dim)``."""
+    shown = pseudo_inputs[:max_shown].detach().cpu()
+    return image_grid(shown, title=_with(f"VampPrior pseudo-inputs ({len(shown)} of "
+                                         f"{len(pseudo_inputs)})", about))
 
 
 def describe(run: Run) -> str:
@@ -556,4 +566,33 @@ def inference_gap_bars(approximation, amortization, ax: Axes | None = None,
     ax.set_title(_title(_with("log p(x) - ELBO, decomposed (Cremer et al. 2018)", about), 5.5),
                  fontsize=10)
     ax.legend(fontsize=8)
+    return fig
+
+
+def calibration_ecdf(calibration, max_panels: int = 24, about: str | None = None) -> Figure:
+    """Simulation-based calibration: per coordinate, the ECDF of the PIT values minus the
+    uniform's, inside its simultaneous band (Säilynoja et al., 2022), red where it leaves
+    it. An over-confident guide (U-shaped ranks: the truth in the tails) rises above zero
+    and then falls below it; an under-confident one (a hump) does the mirror image."""
+    points, lower, upper = calibration.band
+    names = calibration.names[:max_panels]
+    ncols = min(6, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = new_figure((2.1 * ncols, 1.7 * nrows + 0.6))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True)).ravel()
+    for ax, (j, name) in zip(axes, enumerate(names)):
+        ecdf = (calibration.pit[:, j][:, None] <= points).mean(0)
+        ax.fill_between(points, lower - points, upper - points, color="0.85", lw=0)
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.plot(points, ecdf - points, color="C0" if calibration.in_band[j] else "C3", lw=1.2)
+        ax.set_title(f"{name}: {calibration.shape_of(j)}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    verdict = "calibrated" if calibration.passed else "not calibrated"
+    fig.suptitle(_title(_with(f"SBC of q(z | x): ECDF(PIT) - uniform, "
+                              f"{len(calibration.pit)} simulations x {calibration.draws} draws, "
+                              f"{1 - calibration.alpha:.0%} simultaneous bands; {verdict}",
+                              about), 2.1 * ncols), fontsize=9)
+    fig.supxlabel("PIT value u", fontsize=8)
     return fig
