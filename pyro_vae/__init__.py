@@ -17,6 +17,7 @@ _MODULES = {
     "data": "Dataset load_dataset",
     "errors": "CheckpointError ConfigError DataError PyroVAEError RunDirError TrainingDiverged",
     "estimators": "elbo_terms importance_log_likelihood log_weights",
+    "export": "to_inference_data",
     "likelihoods": "Likelihood available_likelihoods get_likelihood register_likelihood",
     "model": "VAE TwoLayerVAE",
     "models": "available_models register_model",
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         TrainingDiverged,
     )
     from .estimators import elbo_terms, importance_log_likelihood, log_weights
+    from .export import to_inference_data
     from .likelihoods import Likelihood, available_likelihoods, get_likelihood, register_likelihood
     from .model import VAE, TwoLayerVAE
     from .models import available_models, register_model
@@ -94,5 +96,5 @@ __all__ = [
     "calibrate", "diagnose_run", "elbo_terms", "evaluate", "evaluate_run", "figures_for_run",
     "get_likelihood", "importance_log_likelihood", "load_dataset", "load_run", "log_weights",
     "make_elbo", "read_evaluations", "register_likelihood", "register_model",
-    "register_network", "sample", "train", "write_figures",
+    "register_network", "sample", "to_inference_data", "train", "write_figures",
 ]

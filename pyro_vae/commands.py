@@ -18,12 +18,14 @@ from these signatures (defaults included), calls these functions, and only print
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -33,6 +35,7 @@ from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError, get_logger
 from .estimators import correct, elbo_terms, fixed_noise, importance_log_likelihood
+from .export import NUTS_DRAWS
 from .files import check_writable, parse_json, read_bytes, refuse_link, write_atomic
 from .latents import active_units
 from .model import VAE
@@ -278,8 +281,10 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
 
     Logs the expected time first (a short timed NUTS pilot); asks for at most
     :data:`MAX_DIAGNOSED_IMAGES` images and never more than the test set holds (a request
-    beyond that is capped, with a warning). With ``write``: ``RUN_DIR/diagnostics.json``
-    and four figures ``RUN_DIR/figures/diagnostics_*.png``.
+    beyond that is capped, with a warning). With ``write``: ``RUN_DIR/diagnostics.json``,
+    the NUTS draws (``RUN_DIR/diagnostics_draws.npz``, plain arrays that
+    :func:`pyro_vae.export.to_inference_data` reads) and four figures
+    ``RUN_DIR/figures/diagnostics_*.png``.
     """
     _check_counts(images=images, num_samples=num_samples, warmup=warmup, chains=chains,
                   iwae_samples=iwae_samples)
@@ -315,9 +320,12 @@ def diagnose_run(run: Run | str | os.PathLike, images: int = 4, num_samples: int
         settings = {"images": images, "num_samples": num_samples, "warmup": warmup,
                     "chains": chains, "iwae_samples": iwae_samples, "seed": seed}
         outputs = RunDir(run.path)
+        draws = io.BytesIO()  # for ArviZ export (pyro_vae.export): plain arrays, no pickle
+        np.savez(draws, z=result.nuts_draws, diverging=result.nuts_diverging)
         with outputs.outputs_lock():
             outputs.write(DIAGNOSTICS, _json({"images": result.per_image,
                                               "settings": settings}))
+            outputs.write(NUTS_DRAWS, draws.getvalue())
         save_figures(diagnosis_figures(result, about=describe(run)), run.path / "figures",
                      root=run.path)
     return result

@@ -163,6 +163,7 @@ class Diagnosis:
     per_image: list[dict] = field(default_factory=list)
     guide_draws: np.ndarray | None = None  # (image, draw, latent)
     nuts_draws: np.ndarray | None = None  # (image, chain, draw, latent)
+    nuts_diverging: np.ndarray | None = None  # (image, chain, draw)
 
     def table(self) -> str:
         """The per-image numbers as the table ``pyro-vae diagnose`` prints."""
@@ -255,4 +256,5 @@ def diagnose(vae: VAE, x: torch.Tensor, num_samples: int = 500, num_warmup: int 
                     "amortization_gap"):
             row[key] = float(gaps[key][i])
         per_image.append(row)
-    return Diagnosis(guide_data, nuts_data, per_image, guide_draws, nuts_draws)
+    return Diagnosis(guide_data, nuts_data, per_image, guide_draws, nuts_draws,
+                     np.stack(divergent))

@@ -40,10 +40,11 @@ log = get_logger(__name__)
 CONFIG, METRICS, CHECKPOINT, FIGURES = "config.json", "metrics.jsonl", "checkpoint.pt", "figures"
 TENSORBOARD = "tensorboard"  # TensorBoard events, with TrainConfig.tensorboard
 LOCK = ".lock"  # held (flock) by the one process that writes the folder
-OUTPUTS_LOCK = ".outputs.lock"  # held while eval.json or diagnostics.json is rewritten
+OUTPUTS_LOCK = ".outputs.lock"  # held while eval.json, diagnostics.json... are rewritten
 LABELS = "labels.json"  # which training labels a run that learns from labels kept
 # what a run writes besides the above; a replaced run loses these too
-_OUTPUTS = ("eval.json", "diagnostics.json", LABELS)
+_OUTPUTS = ("eval.json", "diagnostics.json", "diagnostics_draws.npz", "calibration.json",
+            LABELS)
 # temporary files of the writes of training (pyro_vae.files) that a killed process left
 # behind, and those of earlier versions
 _STALE = (*(f".{name}.*.tmp" for name in (CHECKPOINT, CONFIG, METRICS, LABELS)),
