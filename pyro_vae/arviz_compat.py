@@ -80,12 +80,14 @@ def ess(samples: np.ndarray, method: str = "bulk") -> np.ndarray:
     return _per_component(lambda d: az.ess(d, method=method), samples)
 
 
-def summary(data, ci_prob: float = 0.94):
-    """``az.summary`` with the same interval on both versions (0.x: HDI, 1.x: ETI)."""
+def summary(data, ci_prob: float = 0.94, kind: str = "all"):
+    """``az.summary`` with the same interval on both versions (0.x: HDI, 1.x: ETI);
+    ``kind="stats"`` leaves out the MCMC diagnostics (for independent draws, such as a
+    guide's: R-hat needs several chains)."""
     az = _az()
     if ARVIZ_MAJOR >= 1:
-        return az.summary(data, ci_prob=ci_prob)
-    return az.summary(data, hdi_prob=ci_prob)
+        return az.summary(data, ci_prob=ci_prob, kind=kind)
+    return az.summary(data, hdi_prob=ci_prob, kind=kind)
 
 
 def pareto_khat(log_weights: np.ndarray) -> float:

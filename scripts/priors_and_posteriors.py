@@ -4,7 +4,8 @@ Four rows, the same network and budget for each (dynamically binarized MNIST, a 
 MLP with 40 latent dimensions as the VampPrior paper's one-layer model, batch 100, Adam
 5e-4, linear KL warm-up over the first tenth of the epochs, 500 pseudo-inputs, 2 IAF
 steps): each row trains, then is evaluated on the test set (ELBO, its KL, importance-
-sampled log p(x) with K = 5,000, active units). Writes the runs to runs/priors/ (a later
+sampled log p(x) with K = 5,000, active units) and calibrated (simulation-based
+calibration of its guide: pyro-vae calibrate). Writes the runs to runs/priors/ (a later
 call with more epochs resumes them) and the table of docs/priors-and-posteriors.md:
 
     python -m scripts.priors_and_posteriors --epochs 40 --data-dir MNIST_DIR
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pyro_vae
+from pyro_vae import plots
 from pyro_vae.runner.resolve import resolve_device
 from scripts._docs import machine_description, update_section
 
@@ -55,7 +57,16 @@ def run_row(name: str, args) -> dict:
         result = kept  # this row was evaluated at this budget already
     else:
         result = pyro_vae.evaluate(run, iwae_samples=args.iwae_samples, progress=None)
-    return {"result": result, "epochs": run.epoch,
+    started = time.perf_counter()
+    calibration = pyro_vae.calibrate(run, simulations=args.simulations, draws=100)
+    calibration_seconds = time.perf_counter() - started
+    figures = {f"calibration_{name}": plots.calibration_ecdf(calibration, about=name)}
+    if name == "vamp":
+        figures["vamp_pseudo_inputs"] = plots.pseudo_input_grid(run.vae.pseudo_inputs(),
+                                                                about=name)
+    plots.save_figures(figures, args.figures)
+    return {"result": result, "epochs": run.epoch, "calibration": calibration,
+            "calibration_seconds": calibration_seconds,
             "seconds_per_epoch": sorted(r["seconds"] for r in run.metrics)[len(run.metrics) // 2]}
 
 
@@ -67,20 +78,26 @@ def main() -> None:
     parser.add_argument("--iwae-samples", type=int, default=5000)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "priors")
+    parser.add_argument("--simulations", type=int, default=1000, help="of the SBC check")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "priors-and-posteriors.md")
+    parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
     args = parser.parse_args()
     start = time.perf_counter()
     lines = ["| prior, guide | test ELBO | KL | log p(x), K = 5,000 | active units | "
-             "paper's -log p(x) | s / epoch |", "|---|---|---|---|---|---|---|"]
-    epochs = set()
+             "SBC: coordinates in band | paper's -log p(x) | s / epoch |",
+             "|---|---|---|---|---|---|---|---|"]
+    epochs, sbc_seconds = set(), {}
     for name in args.rows:
         print(f"{name}: {args.epochs} epochs, then K = {args.iwae_samples} ...", flush=True)
         row = run_row(name, args)
         r = row["result"]
         epochs.add(row["epochs"])
+        c = row["calibration"]
+        sbc_seconds[name] = row["calibration_seconds"]
         lines.append(f"| {WHAT[name]} | {r['elbo']:.2f} | {r['kl']:.2f} | "
                      f"{r['log_px']:.2f} ± {r['log_px_se']:.2f} | {r.get('active_units')} / 40 | "
-                     f"{PAPER[name]} | {row['seconds_per_epoch']:.1f} |")
+                     f"{int(c.in_band[:-1].sum())} / 40 | {PAPER[name]} | "
+                     f"{row['seconds_per_epoch']:.1f} |")
         print(lines[-1], flush=True)
     device = resolve_device(args.device).type
     body = "\n".join([
@@ -90,7 +107,11 @@ def main() -> None:
         f"{args.epochs} epochs into that budget), {time.perf_counter() - start:.0f} s in all. "
         "Nats per test image (10,000 images, dynamically binarized, evaluated on one fixed "
         "binarization); ± is the standard error over images; the paper's column is "
-        "Tomczak & Welling (2018), Table 1, one-layer MLP, after their full budget.",
+        "Tomczak & Welling (2018), Table 1, one-layer MLP, after their full budget. "
+        f"SBC: `pyro-vae calibrate` with {args.simulations} simulations x 100 guide draws; "
+        "a coordinate is in band when the ECDF of its ranks stays inside the simultaneous "
+        "band (figures: docs/figures/calibration_*.png); it took "
+        + ", ".join(f"{v:.1f} s ({k})" for k, v in sbc_seconds.items()) + ".",
         "", *lines])
     update_section(args.doc, "Full MNIST: four rows", body)
     print(f"wrote {args.doc}")

@@ -44,7 +44,7 @@ def test_guide_draws_round_trip_through_arviz_with_named_dimensions(diagnosed):
     with fixed_noise(5, run.device):
         expected = guide_draws(run.vae, run.data.test_x[:3], 200)["z"]
     assert np.array_equal(z.values[0], expected.numpy())  # the same seed, the same draws
-    assert len(summary(data)) == 3 * 4
+    assert len(summary(data, kind="stats")) == 3 * 4
     assert az.plot_posterior(data, var_names=["z"], coords={"image": [0], "latent": [0, 1]}) \
         is not None
 

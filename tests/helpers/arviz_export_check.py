@@ -35,7 +35,7 @@ for meta in sorted(folder.glob("*.json")):
         assert np.array_equal(back.values, values), name
     if stats:
         assert np.array_equal(data["sample_stats"]["diverging"].values, stats["diverging"])
-    table = compat.summary(data)
+    table = compat.summary(data, kind="stats" if stats is None else "all")
     expected = sum(int(np.prod(v.shape[2:])) for v in posterior.values())
     assert len(table) == expected, (len(table), expected)
     print(f"{meta.stem}: arviz {compat.az.__version__} (major {compat.ARVIZ_MAJOR}) on Python "
