@@ -4,7 +4,8 @@
 
 1. the CUDA tests: an epoch with no host sync (``torch.cuda.set_sync_debug_mode``), the
    CUDA-graph step against the eager one and its exact resume, the enumerated M2 step
-   captured in a graph, the binarized test set equal on CPU and CUDA;
+   captured in a graph, the binarized test set equal on CPU and CUDA, the VampPrior and IAF
+   steps as CUDA graphs against eager (and their exact resume);
 2. ``scripts.benchmark --device cuda`` at batch 128 and 1024 (the plain loop, a plain
    whole-step CUDA graph, Pyro's loops, pyro-vae's Trainer, NumPyro's loops where
    installed), which writes the "Training speed (cuda)" section of docs/benchmarks.md;
@@ -33,6 +34,8 @@ CUDA_TESTS = [
     "tests/test_semisupervised.py::"
     "test_the_enumerated_m2_step_is_captured_in_a_cuda_graph_with_no_host_sync",
     "tests/test_data.py::test_the_binarized_test_set_is_the_same_on_cpu_and_cuda",
+    "tests/test_priors_flows.py::"
+    "test_cuda_graph_training_of_vamp_and_iaf_matches_eager_and_resumes_exactly",
 ]
 
 

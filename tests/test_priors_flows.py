@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyro_vae import VAE, ConfigError, Objective, SyncFreeTrace_ELBO, Trainer, load_run, train
-from pyro_vae.commands import evaluate, sample, write_figures
+from pyro_vae.commands import diagnose_run, evaluate, sample, write_figures
 from pyro_vae.flows import InverseAutoregressiveFlow
 from pyro_vae.priors import GaussianMixture, VampPrior
 
@@ -184,3 +184,32 @@ def test_other_models_and_dreg_refuse_the_new_prior_and_guide_in_one_line():
     with pytest.raises(ConfigError, match="z_dim"):
         VAE("bernoulli", z_dim=1, guide="iaf")
     pyro.clear_param_store()
+
+
+def test_diagnose_reports_khat_and_gaps_for_the_vamp_prior_with_a_flow_guide(tmp_path):
+    train(variant_config("vamp", "iaf", epochs=1), tmp_path / "run", progress=False)
+    result = diagnose_run(tmp_path / "run", images=1, num_samples=40, warmup=40, chains=2,
+                          iwae_samples=200)
+    row = result.per_image[0]
+    assert all(math.isfinite(row[k]) for k in ("k_hat", "log_px", "approximation_gap",
+                                               "amortization_gap", "elbo_amortized"))
+    # the gaps add up to log p(x) minus the amortized flow's own ELBO
+    assert row["approximation_gap"] + row["amortization_gap"] == pytest.approx(
+        row["log_px"] - row["elbo_amortized"], abs=1e-4)
+    assert result.guide_draws.shape == (1, 40, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (not run on a GPU here)")
+@pytest.mark.parametrize("prior, guide", VARIANTS, ids=IDS)
+def test_cuda_graph_training_of_vamp_and_iaf_matches_eager_and_resumes_exactly(
+        tmp_path, prior, guide):
+    graph = train(variant_config(prior, guide, epochs=2, device="cuda"), tmp_path / "g",
+                  progress=False)
+    eager = train(variant_config(prior, guide, epochs=2, device="cuda", fast_step=False),
+                  progress=False)
+    for a, b in zip(graph.metrics, eager.metrics):
+        for key in ("train_elbo", "test_elbo", "test_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    train(variant_config(prior, guide, epochs=1, device="cuda"), tmp_path / "r", progress=False)
+    resumed = train(resume=tmp_path / "r", epochs=2, progress=False)
+    assert comparable(resumed.metrics) == comparable(graph.metrics)
