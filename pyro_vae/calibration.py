@@ -94,7 +94,7 @@ class Calibration:
     chi2_p: np.ndarray  # (P,) p-values of the rank histograms' chi-square tests
     in_band: np.ndarray  # (P,) the ECDF stays inside its simultaneous band
     band: tuple[np.ndarray, np.ndarray, np.ndarray]  # points, lower, upper
-    mean_z: np.ndarray  # (D,) z-scores of mean(E_q[z | x*] - z*) per latent coordinate
+    mean_z: np.ndarray  # (D,) t-statistics of mean(E_q[z | x*] - z*) per coordinate
     second_moment_z: np.ndarray  # (D,) the same for z^2
     aggregate: dict = field(default_factory=dict)  # on real images (information)
     alpha: float = ALPHA
@@ -166,34 +166,53 @@ class Calibration:
                 "aggregate_posterior_on_data": self.aggregate}
 
 
+@dataclass
+class Simulations:
+    """Per simulation: the truth ``z*`` ``(N, D)``, the ranks of its coordinates and of
+    ``||z*||`` among the guide's draws ``(N, D + 1)``, and the draws' first and second
+    moments ``(N, D)`` each. The draws themselves are not kept (memory stays O(N D))."""
+
+    names: list[str]
+    truth: np.ndarray
+    ranks: np.ndarray
+    mean: np.ndarray
+    second_moment: np.ndarray
+
+
+def _columns(values: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+    """Latent sites flattened side by side: ``(*lead dims, D)`` in float64 on the CPU."""
+    return torch.cat([v.reshape(*v.shape[:lead], -1) for v in values.values()], -1).cpu().double()
+
+
 @torch.no_grad()
 def simulate(model, num_simulations: int, draws: int, batch_size: int = 100,
-             progress: bool | None = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(truth (N, D), guide draws (N, L, D), names)`` from the model's joint.
-
-    Each latent site is flattened into coordinates ``site[i]``; draws come from the torch
-    RNG (seed it, or use :func:`~pyro_vae.estimators.fixed_noise`).
-    """
+             progress: bool | None = False) -> Simulations:
+    """``num_simulations`` pairs ``(z*, x*)`` from the model's joint and ``draws`` guide
+    draws for each ``x*``, summarized per batch (:class:`Simulations`). Each latent site is
+    flattened into coordinates ``site[i]``; the noise is the torch RNG's (seed it, or use
+    :func:`~pyro_vae.estimators.fixed_noise`)."""
     if getattr(model, "enumerated", False):
         raise ConfigError("calibrate ranks continuous latents; this model's guide has "
                           "discrete sites summed out by enumeration")
     device = next(model.parameters()).device
-    truths, guided = [], []
+    parts: list[tuple[torch.Tensor, ...]] = []
     with evaluating(model), Progress(num_simulations, "simulations", unit="simulation",
                                      show=progress) as bar:
         for start in range(0, num_simulations, batch_size):
             b = min(batch_size, num_simulations - start)
             blank = torch.zeros(b, model.x_dim, device=device)  # sizes the plate only
             joint = poutine.trace(poutine.uncondition(model.model)).get_trace(blank)
-            x = joint.nodes["x"]["value"]  # x* ~ p(x | z*)
-            q = guide_draws(model, x, draws)
+            q = guide_draws(model, joint.nodes["x"]["value"], draws)  # x* ~ p(x | z*)
             if start == 0:
                 names = [f"{s}[{i}]" for s, v in q.items() for i in range(v[0, 0].numel())]
-            truths.append(torch.cat([joint.nodes[s]["value"].reshape(b, -1) for s in q], -1))
-            guided.append(torch.cat([v.reshape(draws, b, -1) for v in q.values()],
-                                    -1).transpose(0, 1))
+            truth = _columns({s: joint.nodes[s]["value"] for s in q}, 1)  # (b, D)
+            drawn = _columns(q, 2)  # (L, b, D)
+            with_norm = lambda t: torch.cat([t, t.norm(dim=-1, keepdim=True)], -1)  # noqa: E731
+            ranks = (with_norm(drawn) < with_norm(truth)).sum(0)  # (b, D + 1) in 0..L
+            parts.append((truth, ranks, drawn.mean(0), drawn.square().mean(0)))
             bar.update(b)
-    return torch.cat(truths).cpu().double().numpy(), torch.cat(guided).cpu().double().numpy(), names
+    truth, ranks, mean, second = (torch.cat(column).numpy() for column in zip(*parts))
+    return Simulations(names, truth, ranks, mean, second)
 
 
 def calibrate_model(model, num_simulations: int = 1000, draws: int = 100, seed: int = 0,
@@ -205,46 +224,39 @@ def calibrate_model(model, num_simulations: int = 1000, draws: int = 100, seed: 
     (information only). The same ``seed`` gives the same result.
     """
     for what, value in (("simulations", num_simulations), ("draws", draws)):
-        if not isinstance(value, int) or value < 2:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
             raise ConfigError(f"{{{what}}} must be an integer of at least 2, got {value!r}")
     device = next(model.parameters()).device
     with fixed_noise(seed, device):
-        truth, guided, names = simulate(model, num_simulations, draws, progress=progress)
-        aggregate = _aggregate_on_data(model, data, truth, names) if data is not None else {}
-    # statistics beyond the coordinates: the norm of the whole latent vector
-    truth_all = np.concatenate([truth, np.linalg.norm(truth, axis=-1, keepdims=True)], -1)
-    guided_all = np.concatenate([guided, np.linalg.norm(guided, axis=-1, keepdims=True)], -1)
-    stat_names = [*names, "||z||"]
-    ranks = (guided_all < truth_all[:, None, :]).sum(1)  # (N, P) in 0..L
+        sims = simulate(model, num_simulations, draws, progress=progress)
+        aggregate = _aggregate_on_data(model, data, sims) if data is not None else {}
     rng = np.random.default_rng(seed)
-    pit = (ranks + rng.random(ranks.shape)) / (draws + 1)
+    pit = (sims.ranks + rng.random(sims.ranks.shape)) / (draws + 1)  # ties broken at random
     bins = min(20, max(2, num_simulations // 5))
-    counts = np.stack([np.histogram(pit[:, j], bins=bins, range=(0, 1))[0]
-                       for j in range(pit.shape[1])])
+    counts = np.stack([np.histogram(column, bins=bins, range=(0, 1))[0] for column in pit.T])
     chi2_p = stats.chisquare(counts, axis=1).pvalue
     # level alpha / 2 for the ranks (Bonferroni over the columns), alpha / 2 for the moments
     band = simultaneous_band(num_simulations, alpha / 2 / pit.shape[1])
     points, lower, upper = band
-    ecdf = (pit[:, :, None] <= points).mean(0)  # (P, points)
+    ecdf = np.stack([np.searchsorted(np.sort(column), points, side="right")
+                     for column in pit.T]) / num_simulations  # (P, points)
     in_band = ((ecdf >= lower - 1e-12) & (ecdf <= upper + 1e-12)).all(1)
-    d = guided.mean(1) - truth  # (N, D): mean 0 under calibration
-    d2 = (guided**2).mean(1) - truth**2
-    zscore = lambda v: v.mean(0) / (v.std(0, ddof=1) / math.sqrt(len(v)))  # noqa: E731
-    result = Calibration(stat_names, pit, draws, chi2_p, in_band, band, zscore(d), zscore(d2),
-                         aggregate, alpha)
+    # mean 0 under calibration: E_q[z | x*] - z* and E_q[z^2 | x*] - z*^2
+    d, d2 = sims.mean - sims.truth, sims.second_moment - sims.truth**2
+    tstat = lambda v: v.mean(0) / (v.std(0, ddof=1) / math.sqrt(len(v)))  # noqa: E731
+    result = Calibration([*sims.names, "||z||"], pit, draws, chi2_p, in_band, band, tstat(d),
+                         tstat(d2), aggregate, alpha)
     log.info("calibration: %s", "passed" if result.passed else "failed")
     return result
 
 
 @torch.no_grad()
-def _aggregate_on_data(model, data: torch.Tensor, truth: np.ndarray, names: list[str]) -> dict:
-    """Guide draws pooled over real images against the prior's moments (from ``truth``)."""
-    draws = []
+def _aggregate_on_data(model, data: torch.Tensor, sims: Simulations) -> dict:
+    """Guide draws pooled over real images against the prior's moments (from ``z*``)."""
     with evaluating(model):
-        for xb in data.split(100):
-            q = guide_draws(model, xb, 1)
-            draws.append(torch.cat([v.reshape(len(xb), -1) for v in q.values()], -1))
-    pooled = torch.cat(draws).cpu().double().numpy()
-    return {"images": len(pooled), "names": names,
+        pooled = torch.cat([_columns(guide_draws(model, xb, 1), 2)[0]
+                            for xb in data.split(100)]).numpy()
+    return {"images": len(pooled), "names": sims.names,
             "mean": pooled.mean(0).tolist(), "variance": pooled.var(0, ddof=1).tolist(),
-            "prior_mean": truth.mean(0).tolist(), "prior_variance": truth.var(0, ddof=1).tolist()}
+            "prior_mean": sims.truth.mean(0).tolist(),
+            "prior_variance": sims.truth.var(0, ddof=1).tolist()}

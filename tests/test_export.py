@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae import ConfigError, train, to_inference_data
+from pyro_vae import ConfigError, to_inference_data, train
 from pyro_vae.arviz_compat import az, summary
 from pyro_vae.commands import diagnose_run
 from pyro_vae.config import ModelConfig
