@@ -215,6 +215,13 @@ def simulate(model, num_simulations: int, draws: int, batch_size: int = 100,
     return Simulations(names, truth, ranks, mean, second)
 
 
+def check_sizes(num_simulations: int, draws: int) -> None:
+    """A :class:`ConfigError` unless both are integers of at least 2."""
+    for what, value in (("simulations", num_simulations), ("draws", draws)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise ConfigError(f"{{{what}}} must be an integer of at least 2, got {value!r}")
+
+
 def calibrate_model(model, num_simulations: int = 1000, draws: int = 100, seed: int = 0,
                     data: torch.Tensor | None = None, alpha: float = ALPHA,
                     progress: bool | None = False) -> Calibration:
@@ -223,9 +230,7 @@ def calibrate_model(model, num_simulations: int = 1000, draws: int = 100, seed: 
     ``data``: real images whose pooled guide draws are compared with the prior's moments
     (information only). The same ``seed`` gives the same result.
     """
-    for what, value in (("simulations", num_simulations), ("draws", draws)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-            raise ConfigError(f"{{{what}}} must be an integer of at least 2, got {value!r}")
+    check_sizes(num_simulations, draws)
     device = next(model.parameters()).device
     with fixed_noise(seed, device):
         sims = simulate(model, num_simulations, draws, progress=progress)

@@ -30,7 +30,7 @@ import torch
 from matplotlib.figure import Figure
 
 from . import seeds
-from .calibration import Calibration, calibrate_model
+from .calibration import Calibration, calibrate_model, check_sizes
 from .data import binarize
 from .diagnostics import Diagnosis, diagnose, estimate_seconds
 from .errors import ConfigError, get_logger
@@ -337,6 +337,7 @@ def calibrate(run: Run | str | os.PathLike, simulations: int = 1000, draws: int 
     """Simulation-based calibration of a run's guide (:mod:`pyro_vae.calibration`); the
     run's test images give the aggregate posterior on data. With ``write``:
     ``RUN_DIR/calibration.json`` and ``RUN_DIR/figures/calibration.png``."""
+    check_sizes(simulations, draws)  # before the run loads
     run = as_run(run, device)
     outputs = RunDir(run.path) if write and run.path is not None else None
     if outputs is not None:  # before the work: its result must have a place to go

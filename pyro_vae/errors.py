@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 # {section.field}, {section.field=value}, {argument} or {argument=value}
 _ARGUMENT_NAMES = ("force|out|resume|import|iwae_samples|batch_size|num_samples|images|warmup|"
-                   "chains|draws")
+                   "chains|draws|simulations")
 _TOKEN = re.compile(rf"\{{({_ARGUMENT_NAMES}|(?:model|data|train)\.\w+)(?:=([^{{}}]*))?\}}")
 _SECTIONS = {"model": "ModelConfig", "data": "DataConfig", "train": "TrainConfig"}
 _ARGUMENTS = {"force": "force=True", "out": "out folder", "resume": "resume={}",

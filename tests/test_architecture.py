@@ -14,7 +14,7 @@ LAYERS = [
     {"config"},
     {"data", "data.sources", "data.batching"},
     {"distributions"},
-    {"likelihoods", "networks"},
+    {"likelihoods", "networks", "priors", "flows"},
     {"model", "semisupervised"},
     {"models"},
     {"objective", "estimators", "latents"},
@@ -24,7 +24,7 @@ LAYERS = [
     {"runner.step"},
     {"runner.rundir"},
     {"runner.train"},
-    {"plots", "diagnostics"},
+    {"plots", "diagnostics", "calibration", "export"},
     {"commands"},
     {"cli", "__main__", "__init__"},
 ]
