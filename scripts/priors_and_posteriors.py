@@ -35,8 +35,9 @@ PAPER = {"standard": "88.56 (VampPrior paper, Table 1)", "vamp": "85.57 (VampPri
 
 def config_for(name: str, args) -> pyro_vae.RunConfig:
     config = pyro_vae.RunConfig()
-    config.data.dataset, config.data.binarize = "mnist", "dynamic"
+    config.data.dataset, config.data.binarize = args.dataset, "dynamic"
     config.data.data_dir = str(args.data_dir) if args.data_dir else None
+    config.data.train_limit, config.data.test_limit = args.train_limit, args.test_limit
     config.model.hidden_dims, config.model.z_dim = (300, 300), 40
     config.model.prior, config.model.guide = ROWS[name]
     config.model.pseudo_inputs, config.model.flows = 500, 2
@@ -53,7 +54,8 @@ def run_row(name: str, args) -> dict:
     else:
         run = pyro_vae.train(config_for(name, args), out, progress=False)
     kept = pyro_vae.read_evaluations(run).get("test", {}).get(str(args.iwae_samples))
-    if kept is not None and kept["epoch"] == run.epoch and kept["num_images"] == 10_000:
+    if kept is not None and kept["epoch"] == run.epoch and kept["num_images"] == len(
+            run.data.test_x):
         result = kept  # this row was evaluated at this budget already
     else:
         result = pyro_vae.evaluate(run, iwae_samples=args.iwae_samples, progress=None)
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--data-dir", type=Path, help="folder with the MNIST IDX files")
+    parser.add_argument("--dataset", default="mnist", help="mnist-sample: a quick check only")
+    parser.add_argument("--train-limit", type=int, help="train on the first N images only")
+    parser.add_argument("--test-limit", type=int, help="evaluate the first N test images")
     parser.add_argument("--iwae-samples", type=int, default=5000)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "priors")
@@ -105,7 +110,8 @@ def main() -> None:
         f"{machine_description(device)}; {', '.join(map(str, sorted(epochs)))} epochs per row "
         f"(the papers train until early stopping, up to 2,000 epochs: these rows are "
         f"{args.epochs} epochs into that budget), {time.perf_counter() - start:.0f} s in all. "
-        "Nats per test image (10,000 images, dynamically binarized, evaluated on one fixed "
+        f"Nats per test image ({args.dataset}, {args.test_limit or 'all'} test images, "
+        "dynamically binarized, evaluated on one fixed "
         "binarization); ± is the standard error over images; the paper's column is "
         "Tomczak & Welling (2018), Table 1, one-layer MLP, after their full budget. "
         f"SBC: `pyro-vae calibrate` with {args.simulations} simulations x 100 guide draws; "

@@ -124,3 +124,31 @@ def test_the_gpu_check_without_a_gpu_says_so_and_exits_2(capsys):
 
     assert gpu_check.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_priors_and_posteriors_table_runs_end_to_end(tmp_path):
+    doc = tmp_path / "priors.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.priors_and_posteriors", "--dataset", "mnist-sample",
+         "--epochs", "1", "--train-limit", "300", "--test-limit", "40", "--iwae-samples", "4",
+         "--simulations", "30", "--runs", str(tmp_path / "runs"), "--doc", str(doc),
+         "--figures", str(tmp_path / "figures")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = doc.read_text()
+    assert text.count("| N(0, I) prior") == 2 and "| VampPrior, IAF guide |" in text
+    assert "mnist-sample, 40 test images" in text
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == {
+        "calibration_standard.png", "calibration_vamp.png", "calibration_iaf.png",
+        "calibration_vamp-iaf.png", "vamp_pseudo_inputs.png"}
+
+
+@pytest.mark.slow
+def test_the_compiled_step_measurement_runs_end_to_end(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.compiled_step", "--batch-sizes", "8", "--calls", "3",
+         "--rounds", "1", "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| 8 |"))
+    assert "| yes," in row  # the same loss on the same noise
