@@ -116,7 +116,7 @@ def evaluate_run(run: Run, split: str = "test", iwae_samples: int = 5000,
     # density of 8-bit pixels is not one without dequantization, so none is given then
     result["bits_per_dim"] = (-result["log_px"] / (vae.x_dim * math.log(2))
                               if lik.binary else None)
-    if hasattr(vae, "posterior"):  # a guide that gives q(z | x): Burda's active units
+    if callable(getattr(vae, "posterior", None)):  # q(z | x) in one: active units
         with fixed_noise(seeds.importance_noise(config.train.seed), x.device):
             result["active_units"] = active_units(vae, x)
     if hasattr(vae, "classify"):  # a model with classes: how often argmax q(y | x) is right

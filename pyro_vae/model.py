@@ -244,6 +244,7 @@ class TwoLayerVAE(VAE):
     """
 
     stochastic_layers = 2
+    posterior = None  # q(z2 | x) integrates over z1: no one distribution (no active units)
 
     def __init__(self, likelihood: Likelihood | str = "bernoulli", x_dim: int = 784,
                  z_dim: int = 50, hidden_dims: Sequence[int] = (100, 100),

@@ -5,6 +5,7 @@ import torch
 
 from pyro_vae import VAE
 from pyro_vae.latents import (
+    active_units,
     interpolations,
     kl_per_dimension,
     prior_quantiles,
@@ -63,3 +64,30 @@ def test_interpolations_start_and_end_at_the_reconstructions(vae, kind):
     torch.testing.assert_close(paths[:, -1], vae.reconstruct(x[2:]))
     with pytest.raises(ValueError, match="linear, spherical"):
         interpolations(vae, x[:2], x[2:], kind="cubic")
+
+
+class _Posterior(torch.nn.Module):
+    """q(z | x) whose mean moves with x in the first ``moving`` of 4 dimensions only (the
+    others: N(0, 1) for every image); ``flow`` wraps it in a transform with no closed-form
+    mean, so the Monte Carlo path is taken."""
+
+    def __init__(self, moving: int, flow: bool):
+        super().__init__()
+        self.moving, self.flow = moving, flow
+
+    def posterior(self, x):
+        loc = torch.zeros(len(x), 4)
+        loc[:, : self.moving] = 3 * x[:, : self.moving]
+        q = torch.distributions.Independent(torch.distributions.Normal(loc, 1.0), 1)
+        if self.flow:  # z -> z + 1: still a Gaussian, but not one that knows its mean
+            transform = torch.distributions.AffineTransform(1.0, 1.0, event_dim=1)
+            q = torch.distributions.TransformedDistribution(q, [transform])
+        return q
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["closed-form", "monte-carlo"])
+def test_active_units_count_the_dimensions_whose_posterior_mean_moves_with_the_image(flow):
+    torch.manual_seed(0)
+    x = torch.rand(300, 784)
+    for moving in (0, 1, 3):
+        assert active_units(_Posterior(moving, flow), x) == moving
