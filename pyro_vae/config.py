@@ -88,7 +88,7 @@ class ModelConfig:
         "autoregressive flows, Kingma et al. 2016)")
     flows: int = setting(2, "iaf: number of flow steps", low=1, metavar="T")
     flow_hidden: int = setting(320, "iaf: hidden units of each step's autoregressive network",
-                               low=1)
+                               low=1, metavar="UNITS")
     x_dim: int = setting(784, "pixels per image; set from the data", low=1, cli=False)
 
 
