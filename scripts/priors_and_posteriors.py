@@ -69,7 +69,8 @@ def run_row(name: str, args) -> dict:
     plots.save_figures(figures, args.figures)
     return {"result": result, "epochs": run.epoch, "calibration": calibration,
             "calibration_seconds": calibration_seconds,
-            "seconds_per_epoch": sorted(r["seconds"] for r in run.metrics)[len(run.metrics) // 2]}
+            # the fastest epoch: robust to other work sharing the machine for a while
+            "seconds_per_epoch": min(r["seconds"] for r in run.metrics)}
 
 
 def main() -> None:
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     lines = ["| prior, guide | test ELBO | KL | log p(x), K = 5,000 | active units | "
-             "SBC: coordinates in band | paper's -log p(x) | s / epoch |",
+             "SBC: coordinates in band | paper's -log p(x) | fastest epoch, s |",
              "|---|---|---|---|---|---|---|---|"]
     epochs, sbc_seconds = set(), {}
     for name in args.rows:
