@@ -31,25 +31,37 @@ MEAN_DRAWS = 500  # draws per image where the posterior mean has no closed form 
 
 
 @torch.no_grad()
-def posterior_means(vae, x: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
-    """``E_q[z | x]`` for each image ``(N, z_dim)``: the guide's mean where it has one in
-    closed form (the Gaussian), else the average of :data:`MEAN_DRAWS` draws (a flow; its
-    Monte Carlo variance, at most ``1 / MEAN_DRAWS`` per unit of posterior variance, stays
-    well below the active-unit threshold)."""
-    means = []
+def _posterior_means(vae, x: torch.Tensor, batch_size: int = 100
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E_q[z | x] (N, z_dim), noise (z_dim,))``: the means, in closed form where the
+    guide has one (noise 0), else averages of :data:`MEAN_DRAWS` draws, with ``noise`` the
+    average variance of those averages (the draws' variance over ``MEAN_DRAWS``)."""
+    means, noise = [], []
     for xb in x.split(batch_size):
         q = vae.posterior(xb)
         try:
             means.append(q.mean)
+            noise.append(torch.zeros_like(q.mean))
         except NotImplementedError:
-            means.append(q.sample((MEAN_DRAWS,)).mean(0))
-    return torch.cat(means)
+            draws = q.sample((MEAN_DRAWS,))
+            means.append(draws.mean(0))
+            noise.append(draws.var(0) / MEAN_DRAWS)
+    return torch.cat(means), torch.cat(noise).mean(0)
+
+
+def posterior_means(vae, x: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """``E_q[z | x]`` for each image ``(N, z_dim)``: the guide's mean where it has one in
+    closed form (the Gaussian), else the average of :data:`MEAN_DRAWS` draws (a flow)."""
+    return _posterior_means(vae, x, batch_size)[0]
 
 
 def active_units(vae, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
     """The number of latent dimensions whose posterior mean varies over the images ``x``
-    by more than ``threshold`` (a variance; Burda et al., 2015)."""
-    return int((posterior_means(vae, x).var(0) > threshold).sum())
+    by more than ``threshold`` (a variance; Burda et al., 2015). Where the means are Monte
+    Carlo averages, their own noise is subtracted from the variance (an unbiased estimate
+    of ``Cov_x(E_q[z | x])``), so no dimension counts as active because of it."""
+    means, noise = _posterior_means(vae, x)
+    return int((means.var(0) - noise > threshold).sum())
 
 
 @torch.no_grad()

@@ -575,22 +575,26 @@ def calibration_ecdf(calibration, max_panels: int = 24, about: str | None = None
     it. An over-confident guide (U-shaped ranks: the truth in the tails) rises above zero
     and then falls below it; an under-confident one (a hump) does the mirror image."""
     points, lower, upper = calibration.band
-    names = calibration.names[:max_panels]
-    ncols = min(6, len(names))
-    nrows = math.ceil(len(names) / ncols)
+    total = len(calibration.names)
+    shown = list(range(total)) if total <= max_panels else \
+        [*range(max_panels - 1), total - 1]  # the first coordinates and the last statistic
+    ncols = min(6, len(shown))
+    nrows = math.ceil(len(shown) / ncols)
     fig = new_figure((2.1 * ncols, 1.7 * nrows + 0.6))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True)).ravel()
-    for ax, (j, name) in zip(axes, enumerate(names)):
+    for ax, j in zip(axes, shown):
+        name = calibration.names[j]
         ecdf = (calibration.pit[:, j][:, None] <= points).mean(0)
         ax.fill_between(points, lower - points, upper - points, color="0.85", lw=0)
         ax.axhline(0, color="0.5", lw=0.6)
         ax.plot(points, ecdf - points, color="C0" if calibration.in_band[j] else "C3", lw=1.2)
         ax.set_title(f"{name}: {calibration.shape_of(j)}", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(names):]:
+    for ax in axes[len(shown):]:
         ax.set_axis_off()
     verdict = "calibrated" if calibration.passed else "not calibrated"
-    fig.suptitle(_title(_with(f"SBC of q(z | x): ECDF(PIT) - uniform, "
+    some = f" ({len(shown)} of {total} shown)" if len(shown) < total else ""
+    fig.suptitle(_title(_with(f"SBC of q(z | x){some}: ECDF(PIT) - uniform, "
                               f"{len(calibration.pit)} simulations x {calibration.draws} draws, "
                               f"{1 - calibration.alpha:.0%} simultaneous bands; {verdict}",
                               about), 2.1 * ncols), fontsize=9)

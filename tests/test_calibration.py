@@ -117,3 +117,17 @@ def test_calibrate_command_writes_its_json_and_figure(tmp_path):
     assert len(saved["per_coordinate"]) == 4 + 1
     assert saved["aggregate_posterior_on_data"]["images"] == 200
     assert (tmp_path / "run" / "figures" / "calibration.png").stat().st_size > 10_000
+
+
+def test_the_calibration_figure_shows_the_first_coordinates_and_the_norm_when_there_are_many():
+    from pyro_vae.calibration import Calibration, simultaneous_band
+    from pyro_vae.plots import calibration_ecdf
+
+    n, names = 50, [f"z[{i}]" for i in range(40)] + ["||z||"]
+    pit = np.random.default_rng(0).random((n, len(names)))
+    result = Calibration(names, pit, 10, np.ones(41), np.ones(41, bool),
+                         simultaneous_band(n, 0.05), np.zeros(40), np.zeros(40))
+    fig = calibration_ecdf(result, max_panels=24)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 24 and titles[0].startswith("z[0]") and titles[-1].startswith("||z||")
+    assert "(24 of 41 shown)" in fig._suptitle.get_text()
