@@ -285,3 +285,51 @@ def test_cuda_graph_training_matches_eager_training_and_resumes_exactly(tmp_path
     train(tiny_config(epochs=1, device="cuda"), tmp_path / "r", progress=False)
     resumed = train(resume=tmp_path / "r", epochs=2, progress=False)
     assert comparable(resumed.metrics) == comparable(graph.metrics)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_equals_the_traced_step_within_float_rounding(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    a, b = small_vae(), small_vae()
+    b.load_state_dict(a.state_dict())
+    trainers = [Trainer(Objective(v, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64),
+                        1e-2, compile=c) for v, c in ((a, True), (b, False))]
+    x = values_in_support("bernoulli", (8, 16), torch.Generator().manual_seed(1))
+    index = torch.arange(8) * 3
+    for step in range(4):
+        losses = []
+        for trainer in trainers:
+            torch.manual_seed(step)
+            losses.append(trainer.step(x, index)[0])
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
+    assert trainers[0].compile and trainers[0].compile_seconds > 0
+    assert (tmp_path / "inductor").is_dir()  # kept for the next run
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_that_cannot_be_compiled_falls_back_to_the_traced_step(monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    (vae, _), _ = trainer_pair()
+    trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64),
+                      1e-2, compile=True)
+    x = values_in_support("bernoulli", (8, 16), torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING", logger="pyro_vae"):
+        loss, finite = trainer.step(x, torch.arange(8))
+    assert bool(finite) and not trainer.compile and trainer.mode == "traced"
+    assert "could not be compiled (no C++ compiler here)" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_training_resumes_exactly_and_records_its_compile_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    straight = train(tiny_config(epochs=2, compile_step=True), tmp_path / "a", progress=False)
+    assert straight.metrics[0]["compile_seconds"] > 0  # two batch shapes, in epoch 1
+    assert "compile_seconds" not in straight.metrics[1]
+    train(tiny_config(epochs=1, compile_step=True), tmp_path / "b", progress=False)
+    resumed = train(resume=tmp_path / "b", epochs=2, progress=False)
+    assert comparable(resumed.metrics) == comparable(straight.metrics)

@@ -4,7 +4,8 @@
 :class:`Trainer` runs it with Adam in one of three modes, none of which reads anything
 back from the device: ``eager`` (Pyro traces model and guide every step; DDP's forward
 under torchrun), ``traced`` (CPU: traced once per batch shape into an aten graph with
-``make_fx`` -- what Pyro's Python computes, without the Python -- and replayed) and
+``make_fx`` -- what Pyro's Python computes, without the Python -- and replayed; with
+``compile``, that graph compiled by Inductor into fused kernels) and
 ``cuda-graph`` (the whole step, Adam included, captured once per batch shape and
 replayed; the Philox offsets advance with every replay, so each step draws fresh noise).
 
@@ -18,7 +19,9 @@ model fails loudly before anything is traced.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pyro
 import torch
@@ -30,6 +33,9 @@ from ..errors import ConfigError, get_logger
 log = get_logger(__name__)
 
 WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is captured
+# Inductor's compiled kernels, kept for later runs (unless TORCHINDUCTOR_CACHE_DIR is set)
+INDUCTOR_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyro-vae" \
+    / "inductor"
 
 
 class Diverged(Exception):
@@ -85,7 +91,7 @@ class Trainer:
 
     def __init__(self, objective: nn.Module, lr: float, *, fast: bool = True,
                  nan_policy: str = "stop", module: nn.Module | None = None,
-                 eps: float = 1e-8, beta1: float = 0.9):
+                 eps: float = 1e-8, beta1: float = 0.9, compile: bool = False):
         self.objective, self.module = objective, module or objective
         self.skip_nonfinite = nan_policy == "skip"
         self.params = [p for p in objective.parameters() if p.requires_grad]
@@ -95,6 +101,9 @@ class Trainer:
         if fast and self.mode == "eager":
             log.info("eager training steps: %s", "DDP averages gradients in its own hooks"
                      if module is not None else f"no fast step on {self.device.type}")
+        # the traced graph compiled by Inductor (CPU): each batch shape compiles once
+        self.compile = compile and self.mode == "traced"
+        self.compile_seconds = 0.0
         self.lr = torch.tensor(float(lr), device=self.device)
         self.optimizer = _adam(self.params, self.lr, eps, beta1, self.mode == "cuda-graph")
         self._validated: set[tuple] = set()
@@ -125,7 +134,9 @@ class Trainer:
             self.validate(x, index)
         with pyro.validation_enabled(False):
             if self.mode == "traced":
-                replay = self._replays.get(key) or self._trace(key, x, index)
+                replay = self._replays.get(key)
+                if replay is None:
+                    replay = self._trace(key, x, index)
                 with torch.no_grad():  # the graph holds the backward pass
                     loss, *grads = replay(*self._state(), x, index)
                 return self._update(loss, grads)
@@ -206,8 +217,35 @@ class Trainer:
                 "{train.fast_step=False}") from None
         log.debug("traced the step for batch shape %s: %d nodes in %.2f s", key[0],
                   len(graph.graph.nodes), time.perf_counter() - start)
+        if self.compile:
+            graph = self._compiled(key, graph, x, index)
         self._replays[key] = graph
         return graph
+
+    def _compiled(self, key, graph, x, index):
+        """``graph`` compiled by Inductor, run once under a forked RNG (the noise stream
+        stays the traced graph's: Inductor draws through aten, ``fallback_random``); the
+        graph itself, with one logged line, where compilation fails."""
+        import torch._inductor.config as inductor
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))
+        start = time.perf_counter()
+        try:
+            compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True)
+            with inductor.patch(fallback_random=True), torch.random.fork_rng(devices=[]), \
+                    torch.no_grad():
+                compiled(*self._state(), x, index)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the traced step works
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            log.warning("the training step could not be compiled (%s); training goes on with "
+                        "the traced step", reason)
+            self.compile = False
+            return graph
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
+        log.info("compiled the training step for batch shape %s in %.1f s (cache: %s)",
+                 key[0], seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        return compiled
 
     def _graph_step(self, key, x, index):
         entry = self._replays.get(key)

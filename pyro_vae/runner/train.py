@@ -167,7 +167,7 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     objective = Objective(vae, elbo, num_data, weighted_kl=weighted)
     trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
                       nan_policy=config.train.nan_policy, eps=config.train.adam_eps,
-                      beta1=config.train.adam_beta1,
+                      beta1=config.train.adam_beta1, compile=config.train.compile_step,
                       module=ctx.wrap(objective, device) if ctx.distributed else None)
     history: list[dict] = []
     start_epoch, partial = 0, None
@@ -245,6 +245,9 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
                 log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or "
                             "gradient", epoch, done.skipped_steps, len(batches))
             record = _record(epoch, done, vae, splits, batches, ctx, config)
+            if trainer.compile_seconds:  # this epoch's compilations (part of its seconds)
+                record["compile_seconds"] = trainer.compile_seconds
+                trainer.compile_seconds = 0.0
             history.append(record)
             if writer is not None:
                 writer.append_metrics(record)

@@ -29,7 +29,8 @@ def tiny_config(**train_settings) -> RunConfig:
 
 def comparable(metrics):
     """Metrics without the timings, which differ from run to run."""
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
+    return [{k: v for k, v in r.items()
+             if k not in ("seconds", "images_per_second", "compile_seconds")}
             for r in metrics]
 
 
