@@ -11,7 +11,8 @@ epoch at a time in turn (interleaved), so load on the machine affects all alike:
   and ``JitTrace_ELBO`` (the old ``--jit``);
 - pyro-vae's :class:`~pyro_vae.runner.step.Trainer` -- ``fit_epoch``, the loop that
   ``pyro-vae train`` runs -- eager and with the fast step (traced graph on the CPU, CUDA
-  graph on CUDA), for ``Trace_ELBO`` and ``TraceMeanField_ELBO``;
+  graph on CUDA), for ``Trace_ELBO`` and ``TraceMeanField_ELBO``, and on the CPU the fast
+  step compiled by Inductor (``--compile-step``);
 - NumPyro's examples/vae (a jitted ``svi.update`` per step, and the whole epoch in one
   jitted ``lax.fori_loop``) where JAX and NumPyro are installed.
 
@@ -198,13 +199,15 @@ def pyro_loss(x, b, device, jit=False):
                      *eager_loop(loss_fn, optimizer, batches, device))
 
 
-def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False):
+def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False, compile=False):
     """pyro-vae's Trainer: the loop ``pyro-vae train`` runs, nothing copied; ``threads``:
-    with its thread tuner, as ``pyro-vae train`` runs it on the CPU."""
+    with its thread tuner, as ``pyro-vae train`` runs it on the CPU; ``compile``: the traced
+    step compiled by Inductor (``--compile-step``; compiled in the warm-up epoch)."""
     config = RunConfig().train
     config.elbo = elbo
     vae = VAE().to(device)
-    trainer = Trainer(Objective(vae, make_elbo(config), len(x)), 1e-3, fast=fast)
+    trainer = Trainer(Objective(vae, make_elbo(config), len(x)), 1e-3, fast=fast,
+                      compile=compile)
     batches = DeviceBatches(x, b, dynamic=True)
     tuner = ThreadTuner() if threads and device.type == "cpu" else None
 
@@ -216,6 +219,8 @@ def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False):
     name = {"trace": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO"}[elbo]
     way = {"traced": "fast step (traced graph)", "cuda-graph": "fast step (CUDA graph)",
            "eager": "eager step"}[trainer.mode]
+    if trainer.compile:
+        way = "fast step (Inductor-compiled graph)"
     return Contender(f"pyro-vae Trainer, {name}, {way}", b, epoch, trainer.step)
 
 
@@ -324,6 +329,8 @@ def main() -> None:
         contenders += [pyro_vae_trainer(x, b, device, fast=False),
                        pyro_vae_trainer(x, b, device),
                        pyro_vae_trainer(x, b, device, elbo="meanfield")]
+        if device.type == "cpu":
+            contenders.append(pyro_vae_trainer(x, b, device, compile=True))
         contenders += numpyro_vae.contenders(x_cpu, b, Contender)
     for c in contenders:  # warm-up epoch (tracing, graph capture, JIT, caches)
         c.epoch(0)
@@ -396,6 +403,18 @@ def report(args, result) -> str:
     if not result["numpyro"]:
         lines += ["", "NumPyro's examples/vae: not measured here (JAX and NumPyro are not "
                   "installed on this machine)."]
+    else:  # the issue's yardstick: pyro-vae's step against NumPyro's fused epoch
+        lines.append("")
+        for b in sorted({r["batch_size"] for r in result["rows"]}):
+            at = {r["name"]: r["seconds_per_epoch"] for r in result["rows"]
+                  if r["batch_size"] == b}
+            fused = next((v for k, v in at.items() if "fori_loop" in k), None)
+            ours = [(k.split("(")[-1].rstrip(")"), v) for k, v in at.items()
+                    if k.startswith("pyro-vae Trainer, Trace_ELBO, fast")]
+            if fused is not None:
+                lines.append(f"- batch {b}: pyro-vae's step takes "
+                             + ", ".join(f"{v / fused:.2f}x ({way})" for way, v in ours)
+                             + " the time of NumPyro's fused epoch.")
     lines += ["", "`pyro-vae train` end to end, in its own process (start-up, data loading, "
               "test ELBO and checkpoint every epoch, closing figures; "
               f"{result['end_to_end'][0]['dataset']}, {args.epochs} epochs). Its training "
