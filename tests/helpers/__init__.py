@@ -27,6 +27,17 @@ def tiny_config(**train_settings) -> RunConfig:
     return config
 
 
+def steps_agree(trainers, x, index, steps: int = 4, **tolerance) -> None:
+    """Two trainers take ``steps`` steps each on the same batch and the same noise; their
+    losses agree within ``tolerance`` (``torch.testing.assert_close``'s)."""
+    for step in range(steps):
+        losses = []
+        for trainer in trainers:
+            torch.manual_seed(step)
+            losses.append(trainer.step(x, index)[0])
+        torch.testing.assert_close(losses[0], losses[1], **tolerance)
+
+
 def comparable(metrics):
     """Metrics without the timings, which differ from run to run."""
     return [{k: v for k, v in r.items()
