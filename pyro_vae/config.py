@@ -145,9 +145,9 @@ class TrainConfig:
                               "replaying it as a traced graph (CPU) or a CUDA graph",
                               flag="no-fast-step")
     compile_step: bool = setting(
-        False, "CPU: compile the traced step with Inductor into fused kernels (measured "
-        "1.1x faster at batch 128, 1.4x at 1024; each batch shape compiles once, seconds, "
-        "then cached in ~/.cache/pyro-vae/inductor)")
+        False, "CPU: compile the traced step with Inductor into fused kernels (an epoch "
+        "measured 1.19x faster at batch 128, 1.09x at 1024 on a 2-core CPU; each batch "
+        "shape compiles once, seconds, then cached in ~/.cache/pyro-vae/inductor)")
     seed: int = setting(0, "seed of the training noise and the data order", low=0,
                         high=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA if available")
