@@ -25,7 +25,7 @@ from pyro_vae.data import read_idx
 from pyro_vae.likelihoods import register_likelihood
 from pyro_vae.runner.state import load_state, read_payload, write_payload
 
-from .helpers import built_in_likelihoods, tiny_config, write_idx
+from .helpers import built_in_likelihoods, default_sigint, tiny_config, write_idx
 
 # -- non-finite losses ------------------------------------------------------------------
 
@@ -762,7 +762,8 @@ def test_two_quick_ctrl_c_abort_with_130_and_keep_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pyro_vae", "train", *SMALL, "--epochs", "400",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists():
         assert time.time() < deadline and proc.poll() is None
@@ -906,7 +907,7 @@ def test_a_failed_allocation_exits_4_naming_the_sizes_to_lower(
 
 def start_training(out, epochs=400):
     return subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *SMALL, "--epochs",
-                             str(epochs), "--out", str(out)],
+                             str(epochs), "--out", str(out)], preexec_fn=default_sigint,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

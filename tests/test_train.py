@@ -13,7 +13,7 @@ from pyro_vae import ConfigError, elbo_terms, load_run, seeds, train
 from pyro_vae.errors import RunDirError
 from pyro_vae.runner.state import load_state
 
-from .helpers import comparable, tiny_config
+from .helpers import comparable, default_sigint, tiny_config
 
 
 def test_training_in_memory_returns_metrics_per_epoch():
@@ -100,7 +100,7 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
             "--hidden-dims", "64", "--z-dim", "4", "--test-limit", "100", "--quiet"]
     cmd = [sys.executable, "-m", "pyro_vae", "train", *args]
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "a")], stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_sigint)
     metrics = tmp_path / "a" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import signal
 import struct
 from pathlib import Path
 
@@ -25,6 +26,13 @@ def tiny_config(**train_settings) -> RunConfig:
     for key, value in train_settings.items():
         setattr(config.train, key, value)
     return config
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test sends Ctrl-C: a suite started in the background
+    (``nohup``, ``cmd &`` in a script) runs with SIGINT ignored, and children inherit that;
+    the tool must get Ctrl-C as at a terminal, whoever started the tests."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def steps_agree(trainers, x, index, steps: int = 4, **tolerance) -> None:
