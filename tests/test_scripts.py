@@ -152,3 +152,12 @@ def test_the_compiled_step_measurement_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     row = next(line for line in doc.read_text().splitlines() if line.startswith("| 8 |"))
     assert "| yes," in row  # the same loss on the same noise
+
+
+def test_the_calibration_level_script_counts_rejections_of_an_exact_posterior(tmp_path):
+    doc = tmp_path / "priors.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.calibration_level", "--seeds", "3", "--simulations",
+         "50", "--draws", "10", "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "## The level of the check" in doc.read_text() and "with 3 seeds" in doc.read_text()
