@@ -117,7 +117,6 @@ def _enumerates(vae, guide) -> bool:
     return guide is None and getattr(vae, "enumerated", False)
 
 
-@torch.no_grad()
 def _latent(trace) -> list[str]:
     return [name for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]
@@ -139,6 +138,7 @@ def guide_draws(model, x: torch.Tensor, num_draws: int) -> dict[str, torch.Tenso
     return {name: trace.nodes[name]["value"] for name in _latent(trace)}
 
 
+@torch.no_grad()
 def log_weights(vae: VAE, x: torch.Tensor, num_samples: int = 1, guide=None) -> LogWeights:
     """Trace the guide (``num_samples`` draws per image) and replay the model on them.
 

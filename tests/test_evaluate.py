@@ -132,3 +132,11 @@ def test_log_weights_terms_are_the_log_densities_in_expectation(ppca):
         draws = getattr(lw, name)
         se = draws.std(0) / math.sqrt(K)
         assert ((draws.mean(0) - value.detach()).abs() < 5 * se + 1e-9).all(), name
+
+
+def test_log_weights_build_no_autograd_graph(ppca):
+    """Evaluation's log weights are numbers, not the start of a backward pass: called
+    outside any no_grad block, they hold no graph (memory stays that of the values)."""
+    vae, x = ppca[0], ppca[1]
+    weights = log_weights(vae, x[:4], 3)
+    assert not weights.log_weight.requires_grad and weights.log_weight.grad_fn is None
