@@ -935,6 +935,42 @@ def test_ctrl_c_twice_at_any_moment_exits_130(tmp_path, moment, gap):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
+@pytest.fixture
+def signal_handlers():
+    """Restores SIGINT's and SIGTERM's handlers after a test that changes them."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def test_while_a_command_runs_the_first_signal_interrupts_and_later_ones_are_ignored(
+        signal_handlers):
+    from pyro_vae import __main__ as entry
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, entry._interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    signal.raise_signal(signal.SIGINT)  # ignored: no exception, the process lives on
+    signal.raise_signal(signal.SIGTERM)
+
+
+def test_the_signal_that_aborts_training_leaves_later_ones_ignored(signal_handlers):
+    from pyro_vae.runner.signals import StopRequest
+
+    stop = StopRequest()
+    with stop.installed():
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested  # the first: a request to stop after this step
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)  # the second aborts
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)  # a third would break the unwinding: ignored
+
+
 def test_once_the_status_is_decided_no_signal_changes_it(monkeypatch):
     from pyro_vae import __main__ as entry
 

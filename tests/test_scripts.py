@@ -161,3 +161,13 @@ def test_the_calibration_level_script_counts_rejections_of_an_exact_posterior(tm
          "50", "--draws", "10", "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "## The level of the check" in doc.read_text() and "with 3 seeds" in doc.read_text()
+
+
+def test_the_interrupt_sweep_counts_runs_that_exit_130_with_one_line(tmp_path):
+    doc = tmp_path / "reliability.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.interrupt_sweep", "--runs", "2", "--latest", "0.5",
+         "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = doc.read_text()
+    assert "## Two Ctrl-Cs at random moments" in text and "of 2 runs exited 130" in text

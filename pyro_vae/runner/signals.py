@@ -22,7 +22,9 @@ class StopRequest:
         return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None:  # abort; a third signal must not break the unwinding
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)
             raise KeyboardInterrupt
         self.signum = signum
         log.warning("stopping after this step (press Ctrl-C again to abort at once)")
