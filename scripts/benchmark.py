@@ -12,7 +12,8 @@ epoch at a time in turn (interleaved), so load on the machine affects all alike:
 - pyro-vae's :class:`~pyro_vae.runner.step.Trainer` -- ``fit_epoch``, the loop that
   ``pyro-vae train`` runs -- eager and with the fast step (traced graph on the CPU, CUDA
   graph on CUDA), for ``Trace_ELBO`` and ``TraceMeanField_ELBO``, and on the CPU the fast
-  step compiled by Inductor (``--compile-step``);
+  step compiled by Inductor (``--compile-step``) and the fast step with torch's BLAS in
+  place of oneDNN for the matrix products;
 - NumPyro's examples/vae (a jitted ``svi.update`` per step, and the whole epoch in one
   jitted ``lax.fori_loop``) where JAX and NumPyro are installed.
 
@@ -20,7 +21,9 @@ Reports the median seconds per epoch, images per second, the ratio to the plain 
 at the same batch size, peak memory, and host reads per step (on CUDA: synchronising
 calls seen by ``torch.cuda.set_sync_debug_mode``; on the CPU, where nothing synchronises,
 the same calls -- ``item``, ``bool``, ``tolist`` ... -- counted by a ``TorchFunctionMode``).
-Then times ``pyro_vae.train`` end to end on the same data. Writes JSON and the
+On the CPU the process first keeps freed memory for reuse (``keep_freed_memory``, as
+``pyro-vae train`` does), for every contender alike. Then times ``pyro_vae.train`` end to
+end on the same data. Writes JSON and the
 "Training speed (DEVICE)" section of docs/benchmarks.md.
 
     python -m scripts.benchmark [--device cpu|cuda] [--epochs 3] [--quick]
@@ -47,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from pyro_vae import VAE, Objective, RunConfig, Trainer, make_elbo
 from pyro_vae.data import DeviceBatches, load_mnist_sample, read_idx_split
+from pyro_vae.runner.allocator import keep_freed_memory
 from pyro_vae.runner.state import EpochProgress
 from pyro_vae.runner.threads import ThreadTuner
 from pyro_vae.runner.train import fit_epoch
@@ -199,15 +203,17 @@ def pyro_loss(x, b, device, jit=False):
                      *eager_loop(loss_fn, optimizer, batches, device))
 
 
-def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False, compile=False):
+def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False, compile=False,
+                     onednn=True):
     """pyro-vae's Trainer: the loop ``pyro-vae train`` runs, nothing copied; ``threads``:
     with its thread tuner, as ``pyro-vae train`` runs it on the CPU; ``compile``: the traced
-    step compiled by Inductor (``--compile-step``; compiled in the warm-up epoch)."""
+    step compiled by Inductor (``--compile-step``; compiled in the warm-up epoch);
+    ``onednn=False``: the traced step's matrix products left to torch's BLAS."""
     config = RunConfig().train
     config.elbo = elbo
     vae = VAE().to(device)
     trainer = Trainer(Objective(vae, make_elbo(config), len(x)), 1e-3, fast=fast,
-                      compile=compile)
+                      compile=compile, onednn=onednn)
     batches = DeviceBatches(x, b, dynamic=True)
     tuner = ThreadTuner() if threads and device.type == "cpu" else None
 
@@ -221,6 +227,8 @@ def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False, compi
            "eager": "eager step"}[trainer.mode]
     if trainer.compile:
         way = "fast step (Inductor-compiled graph)"
+    if trainer.mode == "traced" and not trainer.onednn:
+        way = way[:-1] + ", torch's BLAS products)"
     return Contender(f"pyro-vae Trainer, {name}, {way}", b, epoch, trainer.step)
 
 
@@ -312,6 +320,8 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":  # as `pyro-vae train` does; the whole process, every contender
+        keep_freed_memory()
     warnings.filterwarnings("ignore", message=".*torch.jit.trace.*")
     pyro.set_rng_seed(0)
     x_cpu, source = load_images(args)
@@ -328,6 +338,8 @@ def main() -> None:
             contenders.append(pyro_loss(x, b, device, jit=True))
         contenders += [pyro_vae_trainer(x, b, device, fast=False),
                        pyro_vae_trainer(x, b, device),
+                       *([pyro_vae_trainer(x, b, device, onednn=False)]
+                         if device.type == "cpu" else []),
                        pyro_vae_trainer(x, b, device, elbo="meanfield")]
         if device.type == "cpu":
             contenders.append(pyro_vae_trainer(x, b, device, compile=True))
@@ -386,7 +398,10 @@ def report(args, result) -> str:
         "",
         f"{result['images']:,} images ({result['data']}) per epoch, 784-400-20 ReLU, "
         f"dynamically binarized on the device; median of {args.epochs} timed epochs after "
-        "one warm-up epoch, contenders interleaved epoch by epoch. *ratio*: seconds per "
+        "one warm-up epoch, contenders interleaved epoch by epoch"
+        + ("; glibc's malloc keeps freed memory for every contender, as `pyro-vae train` "
+           "sets it (section \"Allocator (cpu)\")" if args.device == "cpu" else "")
+        + ". *ratio*: seconds per "
         "epoch over the plain eager loop's at the same batch size (lower is faster). "
         f"*reads*: {reads}, measured after the first step.",
         "",

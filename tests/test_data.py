@@ -194,6 +194,20 @@ def test_dynamic_binarization_draws_fresh_images():
     assert not torch.equal(first, second)
 
 
+def test_dynamic_binarization_draws_each_pixel_with_its_gray_level_as_probability():
+    """P(1) = x: 0 and 1 stay exactly, gray levels agree to 5 binomial standard errors."""
+    torch.manual_seed(0)
+    levels = torch.tensor([0.0, 0.01, 0.25, 0.5, 0.9, 1.0])
+    x = levels.repeat(100, 1)
+    batches = DeviceBatches(x, batch_size=100, dynamic=True)
+    draws = torch.stack([batches.gather(torch.arange(100)) for _ in range(200)])
+    assert draws.dtype == x.dtype and set(draws.unique().tolist()) <= {0.0, 1.0}
+    freq = draws.mean(dim=(0, 1))
+    assert freq[0] == 0 and freq[-1] == 1
+    se = (levels * (1 - levels) / draws[..., 0].numel()).sqrt()
+    assert torch.all((freq - levels).abs() <= 5 * se), (freq, levels)
+
+
 def test_gzip_detected_by_content_not_name(tmp_path, rng):
     array = rng.integers(0, 256, size=(2, 3), dtype=np.uint8)
     raw = write_idx(tmp_path / "plain", array)

@@ -150,28 +150,60 @@ def bernoulli_reference(logit: float, x: float) -> float:
     return float(x * lm - mpmath.log1p(mpmath.exp(lm)))
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["evaluation", "training"])
 @pytest.mark.parametrize("x", [0.0, 1.0])
-def test_bernoulli_log_prob_matches_a_50_digit_reference_for_every_logit(x):
+def test_bernoulli_log_prob_matches_a_50_digit_reference_for_every_logit(x, grad):
     """Relative error of float32 rounding over logits from -100 to 100, where the value
-    runs from -100 to -4e-44 (e^-100): the fast path loses nothing in the tails."""
+    runs from -100 to -4e-44 (e^-100): nothing is lost in the tails, with or without
+    gradients."""
     from pyro_vae.distributions import Bernoulli
 
-    with torch.no_grad():
-        got = Bernoulli(logits=BERNOULLI_LOGITS).log_prob(
-            torch.full_like(BERNOULLI_LOGITS, x)).double()
+    logits = BERNOULLI_LOGITS.clone().requires_grad_(grad)
+    got = Bernoulli(logits=logits).log_prob(torch.full_like(logits, x)).detach().double()
     want = torch.tensor([bernoulli_reference(v, x) for v in BERNOULLI_LOGITS.tolist()])
     assert torch.all((got - want).abs() <= 4e-7 * want.abs() + 1e-45), \
         (got - want).abs().div(want.abs()).max()
 
 
-def test_bernoulli_log_prob_with_gradients_is_torch_s_own():
+@pytest.mark.parametrize("x", [0.0, 1.0])
+def test_bernoulli_log_prob_s_derivative_is_x_minus_sigmoid_for_every_logit(x):
+    """d/dl log p(x | l) = x - sigmoid(l) against mpmath from -100 to 100: float32 rounding
+    down to float32's smallest normal number (torch's sigmoid flushes the subnormal tail
+    beyond |l| = 87 to 0, as torch's own gradient does), exactly +-1/2 at l = 0 (where
+    autograd through the formula's abs and max would give 0 or 1)."""
     from pyro_vae.distributions import Bernoulli
 
-    logits = (torch.randn(50) * 10).requires_grad_()
-    x = torch.randint(0, 2, (50,)).float()
+    logits = BERNOULLI_LOGITS.clone().requires_grad_()
+    value = Bernoulli(logits=logits).log_prob(torch.full_like(logits, x))
+    grad, = torch.autograd.grad(value.sum(), logits)
+    mpmath.mp.dps = 50
+    want = torch.tensor([float(x - 1 / (1 + mpmath.exp(-mpmath.mpf(v))))
+                         for v in BERNOULLI_LOGITS.tolist()], dtype=torch.float64)
+    tiny = torch.finfo(torch.float32).tiny
+    assert torch.all((grad.double() - want).abs() <= 4e-7 * want.abs() + tiny)
+    assert grad[BERNOULLI_LOGITS == 0].item() == x - 0.5
+
+
+def test_bernoulli_log_prob_agrees_with_torch_s_in_value_and_first_two_derivatives():
+    from pyro_vae.distributions import Bernoulli
+
+    logits = (torch.randn(2, 50, dtype=torch.float64) * 10).requires_grad_()
+    x = torch.randint(0, 2, (50,)).double()  # broadcast over the first dimension
     ours = Bernoulli(logits=logits).log_prob(x)
     theirs = torch.distributions.Bernoulli(logits=logits).log_prob(x)
-    assert torch.equal(ours, theirs)
-    with torch.no_grad():
-        fast = Bernoulli(logits=logits).log_prob(x)
-    torch.testing.assert_close(fast, theirs.detach(), rtol=4e-7, atol=1e-6)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours.sum(), logits, create_graph=True),
+                    torch.autograd.grad(theirs.sum(), logits, create_graph=True)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        second = [torch.autograd.grad(g.sum(), logits)[0] for g in (a, b)]
+        torch.testing.assert_close(*second, rtol=1e-12, atol=1e-12)
+
+
+def test_bernoulli_log_prob_of_a_value_that_requires_gradients_is_torch_s_own():
+    from pyro_vae.distributions import Bernoulli
+
+    logits = torch.randn(20)
+    x = torch.randint(0, 2, (20,)).float().requires_grad_()
+    ours = Bernoulli(logits=logits, validate_args=False).log_prob(x)
+    assert torch.equal(ours, torch.distributions.Bernoulli(logits=logits).log_prob(x))
+    assert torch.autograd.grad(ours.sum(), x)[0].shape == x.shape

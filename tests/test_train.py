@@ -79,10 +79,17 @@ def test_elbo_variants_train(settings):
 
 
 def test_fast_and_eager_steps_train_to_the_same_metrics():
-    """The traced graph replays exactly what Pyro computes eagerly, noise included."""
-    fast = train(tiny_config(fast_step=True), progress=False)
-    eager = train(tiny_config(fast_step=False), progress=False)
-    assert comparable(fast.metrics) == comparable(eager.metrics)
+    """The traced graph replays what Pyro computes eagerly, noise included: the same
+    metrics to float32 rounding (its matrix products are oneDNN's, not the BLAS's)."""
+    fast = comparable(train(tiny_config(fast_step=True), progress=False).metrics)
+    eager = comparable(train(tiny_config(fast_step=False), progress=False).metrics)
+    assert [r.keys() for r in fast] == [r.keys() for r in eager]
+    for a, b in zip(fast, eager):
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+            else:
+                assert value == b[key], key
 
 
 def test_resume_with_fewer_epochs_than_finished_is_refused(tmp_path):

@@ -4,8 +4,9 @@
 :class:`Trainer` runs it with Adam in one of three modes, none of which reads anything
 back from the device: ``eager`` (Pyro traces model and guide every step; DDP's forward
 under torchrun), ``traced`` (CPU: traced once per batch shape into an aten graph with
-``make_fx`` -- what Pyro's Python computes, without the Python -- and replayed; with
-``compile``, that graph compiled by Inductor into fused kernels) and
+``make_fx`` -- what Pyro's Python computes, without the Python -- and replayed, its
+matrix products through oneDNN (:mod:`~pyro_vae.runner.matmul`); with ``compile``, that
+graph compiled by Inductor into fused kernels) and
 ``cuda-graph`` (the whole step, Adam included, captured once per batch shape and
 replayed; the Philox offsets advance with every replay, so each step draws fresh noise).
 
@@ -19,19 +20,24 @@ model fails loudly before anything is traced.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
 
 import pyro
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import ConfigError, get_logger
+from .matmul import use_onednn
 
 log = get_logger(__name__)
 
+# the largest difference (relative to each output's largest value) between the traced
+# step's loss and gradients with oneDNN's products and with torch's BLAS that is rounding
+ONEDNN_TOLERANCE = 1e-3
 WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is captured
 # Inductor's compiled kernels, kept for later runs (unless TORCHINDUCTOR_CACHE_DIR is set)
 INDUCTOR_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyro-vae" \
@@ -86,12 +92,15 @@ class Trainer:
     ``fast``: replay the step as a traced graph (CPU) or a CUDA graph; eager otherwise, and
     under DDP (``module``: the objective wrapped in ``DistributedDataParallel``, whose hooks
     average the gradients). ``nan_policy``: ``"stop"`` -- every step updates and the caller
-    acts on ``finite``; ``"skip"`` -- a non-finite step changes no state.
+    acts on ``finite``; ``"skip"`` -- a non-finite step changes no state. ``onednn``: the
+    traced step's matrix products through oneDNN where it gives the same loss and
+    gradients (:mod:`~pyro_vae.runner.matmul`); ``False`` keeps torch's BLAS.
     """
 
     def __init__(self, objective: nn.Module, lr: float, *, fast: bool = True,
                  nan_policy: str = "stop", module: nn.Module | None = None,
-                 eps: float = 1e-8, beta1: float = 0.9, compile: bool = False):
+                 eps: float = 1e-8, beta1: float = 0.9, compile: bool = False,
+                 onednn: bool = True):
         self.objective, self.module = objective, module or objective
         self.skip_nonfinite = nan_policy == "skip"
         self.params = [p for p in objective.parameters() if p.requires_grad]
@@ -104,6 +113,7 @@ class Trainer:
         # the traced graph compiled by Inductor (CPU): each batch shape compiles once
         self.compile = compile and self.mode == "traced"
         self.compile_seconds = 0.0
+        self.onednn = onednn and self.mode == "traced"
         self.lr = torch.tensor(float(lr), device=self.device)
         self.optimizer = _adam(self.params, self.lr, eps, beta1, self.mode == "cuda-graph")
         self._validated: set[tuple] = set()
@@ -217,10 +227,39 @@ class Trainer:
                 "{train.fast_step=False}") from None
         log.debug("traced the step for batch shape %s: %d nodes in %.2f s", key[0],
                   len(graph.graph.nodes), time.perf_counter() - start)
+        if self.onednn:
+            graph = self._with_onednn(key, graph, x, index)
         if self.compile:
             graph = self._compiled(key, graph, x, index)
         self._replays[key] = graph
         return graph
+
+    def _with_onednn(self, key, graph, x, index):
+        """``graph`` with its products through oneDNN, if that gives its loss and gradients
+        on this batch to float32 rounding (both run under the same forked RNG); else
+        ``graph``, with one logged line."""
+        rewritten = fx.GraphModule(graph, copy.deepcopy(graph.graph))
+        count = use_onednn(rewritten)
+        if not count:
+            return graph
+        outputs = []
+        try:
+            for g in (graph, rewritten):
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    outputs.append(g(*self._state(), x, index))
+        except RuntimeError as e:
+            log.warning("oneDNN's matrix products failed (%s); the step keeps torch's BLAS",
+                        " ".join(str(e).split())[:160])
+            return graph
+        worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+                    for a, b in zip(*outputs))
+        if not worst <= ONEDNN_TOLERANCE:
+            log.warning("oneDNN's matrix products differ from torch's BLAS by %.1e (relative) "
+                        "on this batch; the step keeps torch's BLAS", worst)
+            return graph
+        log.debug("batch shape %s: %d matrix products through oneDNN (%.1e from BLAS)",
+                  key[0], count, worst)
+        return rewritten
 
     def _compiled(self, key, graph, x, index):
         """``graph`` compiled by Inductor, run once under a forked RNG (the noise stream

@@ -29,6 +29,7 @@ from ..progress import Progress
 from ..registry import MAIN
 from ..semisupervised import partial_labels
 from ..tracking import TensorBoard, check_available
+from .allocator import keep_freed_memory
 from .distributed import Context, init_from_env
 from .resolve import build_vae, check_config, check_memory, resolve, resolve_device
 from .rundir import Run, RunDir
@@ -205,6 +206,8 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     if writer is not None and config.train.tensorboard:
         board = TensorBoard(writer.path, purge_step=start_epoch + 1)
     threads = ThreadTuner() if device.type == "cpu" else None
+    if device.type == "cpu":
+        keep_freed_memory()  # each step's buffers reused without page faults
     with contextlib.ExitStack() as cleanup, StopRequest().installed() as stop:
         if board is not None:
             cleanup.callback(board.close)
