@@ -6,7 +6,8 @@ For each batch size: the graph that pyro-vae's fast step replays (loss and gradi
 (``fallback_random``, so both draw the same noise), cold (an empty cache) and warm (the
 FX-graph cache filled, as a second run would find it); then both are replayed in
 alternating rounds and the median time per call is kept. Loss and gradients of the two are
-compared on the same noise. Writes the "Compiled step (Inductor), cpu" section of
+compared on the same noise (they agree to float32 rounding: Inductor fuses and reorders
+the arithmetic around the matrix products). Writes the "Compiled step (Inductor), cpu" section of
 docs/benchmarks.md:
 
     python -m scripts.compiled_step [--batch-sizes 128 1024] [--calls 200]
@@ -82,7 +83,8 @@ def measure(batch: int, calls: int, rounds: int) -> dict:
         fused.append(per_call_ms(compiled, inputs, calls))
     return {"batch": batch, "nodes": len(graph.graph.nodes), "cold_s": cold, "warm_s": warm,
             "traced_ms": statistics.median(traced), "compiled_ms": statistics.median(fused),
-            "loss_equal": bool(torch.equal(a[0], b[0])), "grad_rel_diff": grad_diff}
+            "loss_rel_diff": float((a[0] - b[0]).abs() / a[0].abs()),
+            "grad_rel_diff": grad_diff}
 
 
 def main() -> None:
@@ -101,14 +103,14 @@ def main() -> None:
             rows.append(f"| {batch} | {r['nodes']} | {r['traced_ms']:.2f} | "
                         f"{r['compiled_ms']:.2f} | {r['traced_ms'] / r['compiled_ms']:.2f}x | "
                         f"{r['cold_s']:.1f} / {r['warm_s']:.1f} | "
-                        f"{'yes' if r['loss_equal'] else 'no'}, {r['grad_rel_diff']:.1e} |")
+                        f"{r['loss_rel_diff']:.1e} / {r['grad_rel_diff']:.1e} |")
     body = "\n".join([
         f"`python -m scripts.compiled_step` on {machine_description()}, quiet: the fast step's "
         f"traced graph (loss and gradients, no Adam) replayed as it is and compiled by "
         f"Inductor, medians of {args.rounds} alternating rounds of {args.calls} calls; "
         "compile time cold (empty cache) and warm (cache filled).", "",
         "| batch | graph nodes | traced ms | Inductor ms | speed-up | compile s, cold / warm | "
-        "same loss, gradients' max relative difference |",
+        "relative difference of the loss / of the gradients (largest) |",
         "|---|---|---|---|---|---|---|", *rows])
     update_section(args.doc, "Compiled step (Inductor), cpu", body)
     print(f"wrote {args.doc}")
