@@ -2,7 +2,8 @@
 compiled by ``torch.compile`` (Inductor), side by side in one process.
 
 For each batch size: the graph that pyro-vae's fast step replays (loss and gradients of the
-784-400-20 VAE's ELBO, traced with ``make_fx``) is compiled with Inductor
+784-400-20 VAE's ELBO, traced with ``make_fx``, its matrix products through oneDNN as the
+Trainer rewrites them) is compiled with Inductor
 (``fallback_random``, so both draw the same noise), cold (an empty cache) and warm (the
 FX-graph cache filled, as a second run would find it); then both are replayed in
 alternating rounds and the median time per call is kept. Loss and gradients of the two are
@@ -16,6 +17,7 @@ docs/benchmarks.md:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pyro_vae import VAE, Objective, SyncFreeTrace_ELBO, Trainer
+from pyro_vae.runner.matmul import use_onednn
 from scripts._docs import machine_description, update_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +37,19 @@ def traced_graph(batch: int):
     torch.manual_seed(0)
     objective = Objective(VAE("bernoulli"), SyncFreeTrace_ELBO(max_plate_nesting=1),
                           num_data=60_000)
-    trainer = Trainer(objective, 1e-3)
+    trainer = Trainer(objective, 1e-3, onednn=False)
     x = (torch.rand(batch, 784) > 0.5).float()
     index = torch.arange(batch)
     trainer.step(x, index)  # validates, traces
     graph = trainer._replays[(tuple(x.shape), x.dtype, False)]
     return graph, [*trainer._state(), x, index]
+
+
+def with_onednn(graph, for_inductor: bool):
+    """The graph with its products through oneDNN, as the Trainer rewrites it."""
+    rewritten = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
+    use_onednn(rewritten, for_inductor=for_inductor)
+    return rewritten
 
 
 def compile_graph(graph, inputs):
@@ -66,9 +76,10 @@ def per_call_ms(fn, inputs, calls: int) -> float:
 
 
 def measure(batch: int, calls: int, rounds: int) -> dict:
-    graph, inputs = traced_graph(batch)
-    _, cold = compile_graph(graph, inputs)
-    compiled, warm = compile_graph(graph, inputs)  # the cache filled by the cold compile
+    blas, inputs = traced_graph(batch)
+    graph, for_inductor = with_onednn(blas, False), with_onednn(blas, True)
+    _, cold = compile_graph(for_inductor, inputs)
+    compiled, warm = compile_graph(for_inductor, inputs)  # the cache filled by the cold one
     torch.manual_seed(1)
     with torch.no_grad():
         a = graph(*inputs)

@@ -17,6 +17,7 @@ from .test_trainer import trainer_pair
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
 aten = torch.ops.aten
+ONEDNN = (torch.ops.pyro_vae.linear.default, torch.ops.mkldnn._linear_pointwise.default)
 
 
 def products(a, b, w, bias, row_bias):
@@ -36,13 +37,14 @@ def targets(graph):
 
 
 @needs_onednn
-def test_float32_products_are_rewritten_as_onednn_linear_with_the_same_values():
+@pytest.mark.parametrize("for_inductor", [False, True], ids=["direct", "custom-op"])
+def test_float32_products_are_rewritten_as_onednn_linear_with_the_same_values(for_inductor):
     graph, args = traced()
     want = graph(*args)
-    count = use_onednn(graph)
+    count = use_onednn(graph, for_inductor=for_inductor)
     # a @ b, addmm with a bias over the columns, a.T @ a, linear; not the row bias
     assert count == 4
-    assert targets(graph).count(torch.ops.pyro_vae.linear.default) == 4
+    assert targets(graph).count(ONEDNN[0 if for_inductor else 1]) == 4
     assert targets(graph).count(aten.addmm.default) == 1
     for got, expected in zip(graph(*args), want):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -57,7 +59,7 @@ def test_float64_products_are_left_to_torch():
 @needs_onednn
 def test_a_step_whose_onednn_products_disagree_keeps_torch_s_products(monkeypatch, caplog):
     """The check on the first batch: a rewrite that changes the gradients is not used."""
-    def wrong(graph):  # doubles every matrix product
+    def wrong(graph, for_inductor=False):  # doubles every matrix product
         for node in list(graph.graph.nodes):
             if node.target == aten.mm.default:
                 users = list(node.users)
@@ -84,16 +86,24 @@ def test_a_step_whose_onednn_products_disagree_keeps_torch_s_products(monkeypatc
 
 @needs_onednn
 def test_a_step_whose_onednn_products_fail_keeps_torch_s_products(monkeypatch, caplog):
-    def failing(a, w, bias, *rest):
+    def failing(*args):
         raise RuntimeError("no primitive for this shape")
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", failing)
+    def rewrite(graph, for_inductor=False):  # oneDNN's calls, each failing when run
+        count = use_onednn(graph, for_inductor)
+        for node in graph.graph.nodes:
+            if node.target in ONEDNN:
+                node.target = failing
+        graph.recompile()
+        return count
+
+    monkeypatch.setattr("pyro_vae.runner.step.use_onednn", rewrite)
     (_, fast), _ = trainer_pair("bernoulli", "mlp")
     with caplog.at_level(logging.WARNING, logger="pyro_vae"):
         loss, finite = fast.step(torch.bernoulli(torch.full((8, 16), 0.4)))
     assert bool(finite) and "oneDNN's matrix products failed" in caplog.text
     graph = next(iter(fast._replays.values()))
-    assert torch.ops.pyro_vae.linear.default not in targets(graph)
+    assert failing not in targets(graph) and aten.mm.default in targets(graph)
 
 
 def test_without_onednn_nothing_is_rewritten(monkeypatch):

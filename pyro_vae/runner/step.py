@@ -239,7 +239,7 @@ class Trainer:
         on this batch to float32 rounding (both run under the same forked RNG); else
         ``graph``, with one logged line."""
         rewritten = fx.GraphModule(graph, copy.deepcopy(graph.graph))
-        count = use_onednn(rewritten)
+        count = use_onednn(rewritten, for_inductor=self.compile)
         if not count:
             return graph
         outputs = []
