@@ -63,6 +63,9 @@ def child(kind: str, args) -> dict:
     if kind == "plain":
         contender = plain(x, BATCH, torch.device("cpu"))
     elif kind in ("pyro-vae", "pyro-vae-fixed"):
+        from pyro_vae.runner.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as `pyro-vae train` sets its process
         contender = pyro_vae_trainer(x, BATCH, torch.device("cpu"),
                                      threads=kind == "pyro-vae")
     else:
