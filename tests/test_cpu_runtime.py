@@ -11,7 +11,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from pyro_vae.runner import matmul
-from pyro_vae.runner.matmul import onednn_available, use_onednn
+from pyro_vae.runner.matmul import NARROW, onednn_available, use_onednn
 
 from .test_trainer import trainer_pair
 
@@ -20,15 +20,15 @@ aten = torch.ops.aten
 ONEDNN = (torch.ops.pyro_vae.linear.default, torch.ops.mkldnn._linear_pointwise.default)
 
 
-def products(a, b, w, bias, row_bias):
-    return (a @ b, torch.addmm(bias, a, b), torch.addmm(row_bias, a, b), a.t() @ a,
-            torch.nn.functional.linear(a, w, bias))
+def products(a, b, w, bias, row_bias, wide):
+    return (a @ b, torch.addmm(bias, a, b), torch.addmm(row_bias, a, b), a.t() @ wide,
+            a.t() @ a, torch.nn.functional.linear(a, w, bias))
 
 
 def traced(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(shape, generator=g, dtype=dtype)
-            for shape in ((6, 5), (5, 4), (4, 5), (4,), (6, 1))]
+            for shape in ((6, 5), (5, 4), (4, 5), (4,), (6, 1), (6, NARROW))]
     return make_fx(products, tracing_mode="fake")(*args), args
 
 
@@ -42,10 +42,12 @@ def test_float32_products_are_rewritten_as_onednn_linear_with_the_same_values(fo
     graph, args = traced()
     want = graph(*args)
     count = use_onednn(graph, for_inductor=for_inductor)
-    # a @ b, addmm with a bias over the columns, a.T @ a, linear; not the row bias
+    # a @ b, addmm with a bias over the columns, a.T @ wide, linear; not the row bias,
+    # nor a.T @ a (a transposed operand and a narrow product)
     assert count == 4
     assert targets(graph).count(ONEDNN[0 if for_inductor else 1]) == 4
     assert targets(graph).count(aten.addmm.default) == 1
+    assert targets(graph).count(aten.mm.default) == 1
     for got, expected in zip(graph(*args), want):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 

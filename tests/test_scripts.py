@@ -172,3 +172,13 @@ def test_the_interrupt_sweep_counts_runs_that_exit_130_with_one_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     text = doc.read_text()
     assert "## Two Ctrl-Cs at random moments" in text and "of 2 runs exited 130" in text
+
+
+def test_the_matmul_kernel_measurement_times_every_product_of_a_step(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.matmul_kernels", "--batch-sizes", "8", "--calls", "2",
+         "--rounds", "1", "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| 8 |")]
+    assert len(rows) == 12 and "all 11 products of a step" in rows[-1]  # 784-400-20

@@ -13,8 +13,10 @@ float32 rounding on the first batch, and says so in one logged line otherwise.
 ``linear(a, w, bias)`` computes ``a @ w.T + bias``: ``mm(a, b)`` is ``linear(a, b.T)``, and
 ``addmm(bias, a, b)`` with a bias over the columns is ``linear(a, b.T, bias)``. The
 transpose of ``b`` is a view; a left operand that is not contiguous (``g.T @ x``, a
-weight's gradient) oneDNN copies first, and the step was still faster with those products
-through oneDNN than through the BLAS (measured at batch 128 and 1024).
+weight's gradient) oneDNN copies first: still faster than the BLAS for the wide products,
+3x slower for a narrow one (fewer than ``NARROW`` output columns), which stays as it is.
+The rule depends on shapes only, never on timings, so every run of a model makes the same
+choice and resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import torch
 from torch import fx
 
 aten = torch.ops.aten
+# products with fewer output columns whose left operand is transposed stay with the BLAS:
+# oneDNN copies that operand first, and for (400, B) @ (B, 20), a gradient of the
+# encoder's last layer, that took 3x the BLAS's time (scripts.matmul_kernels)
+NARROW = 64
 
 
 def onednn_available() -> bool:
@@ -52,6 +58,8 @@ def _linear_args(node: fx.Node):
         return None
     if not all(_float32_cpu(n) for n in (node, a, b)):
         return None
+    if not a.meta["val"].is_contiguous() and node.meta["val"].shape[1] < NARROW:
+        return None  # oneDNN's copy of a transposed operand outweighs a narrow product
     return a, b, bias
 
 
