@@ -146,8 +146,9 @@ class TrainConfig:
                               flag="no-fast-step")
     compile_step: bool = setting(
         False, "CPU: compile the traced step with Inductor into fused kernels (an epoch "
-        "measured 1.30x faster at batch 128, 1.28x at 1024 on a 2-core CPU; each batch "
-        "shape compiles once, seconds, then cached in ~/.cache/pyro-vae/inductor)")
+        "measured 1.14-1.30x faster at batch 128, 1.20-1.28x at 1024 on a 2-core CPU; "
+        "each batch shape compiles once, seconds, then cached in "
+        "~/.cache/pyro-vae/inductor)")
     seed: int = setting(0, "seed of the training noise and the data order", low=0,
                         high=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA if available")
