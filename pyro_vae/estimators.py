@@ -19,6 +19,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .model import VAE, evaluating
+from .onednn import linear_products
 from .progress import Progress
 
 
@@ -176,7 +177,7 @@ def elbo_terms(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int | No
 
     With a ``seed`` the result repeats exactly (see :func:`fixed_noise`).
     """
-    with evaluating(vae), fixed_noise(seed, x.device):
+    with evaluating(vae), fixed_noise(seed, x.device), linear_products():
         parts = [log_weights(vae, xb).elbo_terms() for xb in x.split(batch_size)]
     elbo = torch.cat([p[0][0] for p in parts])
     log_lik = torch.cat([p[1][0] for p in parts])
@@ -221,7 +222,8 @@ def importance_log_likelihood(
     A chunk holds at most ``batch_size`` images, and fewer where that leaves room for at
     least :data:`CHUNK_SAMPLES` samples of each: the guide's encoder runs once a chunk, so
     few samples per chunk would spend a tenth of the time encoding the same images again.
-    Returns a tensor of shape ``(N,)`` on ``x.device``. ``progress``: as ``show`` of
+    Linear layers run on oneDNN (:func:`~pyro_vae.onednn.linear_products`). Returns a
+    tensor of shape ``(N,)`` on ``x.device``. ``progress``: as ``show`` of
     :class:`~pyro_vae.progress.Progress` (``False``: silent).
     """
     per_image = vae.x_dim * vae.likelihood.num_params * getattr(vae, "enumerated_values", 1)
@@ -231,7 +233,7 @@ def importance_log_likelihood(
     batches = x.split(images)
     bar = Progress(len(x), f"log p(x), K={num_samples}", unit="image", show=progress)
     validated = set()  # chunk shapes run once with Pyro's validation as it is set
-    with evaluating(vae), fixed_noise(seed, x.device), bar:
+    with evaluating(vae), fixed_noise(seed, x.device), linear_products(), bar:
         for xb in batches:
             total = xb.new_full((xb.shape[0],), -math.inf)  # log sum_k w_k so far, (B,)
             for start in range(0, num_samples, chunk):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pyro_vae import VAE, Objective, SyncFreeTrace_ELBO, Trainer
-from pyro_vae.runner.matmul import use_onednn
+from pyro_vae.onednn import use_onednn
 from scripts._docs import machine_description, update_section
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 Traces the fast step of the 784-400-20 VAE (the graph the Trainer replays, with torch's
 BLAS products), then for every ``mm`` / ``addmm`` in it times the product as the graph
-has it (``aten``, the BLAS torch was built with) and as :mod:`pyro_vae.runner.matmul`
+has it (``aten``, the BLAS torch was built with) and as :mod:`pyro_vae.onednn`
 rewrites it (oneDNN's linear kernel), on operands of the graph's shapes and strides,
 alternating, median of rounds. Writes the section "Matrix products (cpu)" of
 docs/benchmarks.md:
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.runner.matmul import _linear_args
+from pyro_vae.onednn import _linear_args
 from scripts._docs import machine_description, update_section
 from scripts.compiled_step import traced_graph
 
@@ -88,7 +88,7 @@ def main() -> None:
              f"{args.rounds}` on a {machine_description()}, quiet: every matrix product of "
              "the traced step, on operands of the graph's shapes and strides, as torch's "
              "BLAS computes it and as oneDNN's linear kernel does (the rewrite of "
-             "`pyro_vae/runner/matmul.py`); median microseconds per call over alternating "
+             "`pyro_vae/pyro_vae/onednn.py`); median microseconds per call over alternating "
              "rounds. *A transposed*: the left operand is a transposed view (a weight's "
              "gradient), which oneDNN copies first. *Step uses*: the kernel the Trainer "
              "keeps for that product (a rule on shapes only).", "",

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 
 # the data path, lowest layer first: a module may import from its own layer or below
 LAYERS = [
-    {"errors", "files", "seeds", "arviz_compat", "registry", "progress"},
+    {"errors", "files", "seeds", "arviz_compat", "registry", "progress", "onednn"},
     {"config"},
     {"data", "data.sources", "data.batching"},
     {"distributions"},
@@ -20,7 +20,7 @@ LAYERS = [
     {"objective", "estimators", "latents"},
     {"tracking"},
     {"runner", "runner.resolve", "runner.state", "runner.signals", "runner.distributed",
-     "runner.threads", "runner.allocator", "runner.matmul"},
+     "runner.threads", "runner.allocator"},
     {"runner.step"},
     {"runner.rundir"},
     {"runner.train"},

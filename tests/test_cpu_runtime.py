@@ -1,4 +1,4 @@
-"""The CPU step's runtime: oneDNN's matrix products (runner/matmul.py) and glibc's malloc
+"""The CPU step's runtime: oneDNN's matrix products (pyro_vae/onednn.py) and glibc's malloc
 (runner/allocator.py)."""
 
 import logging
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from pyro_vae.runner import matmul
-from pyro_vae.runner.matmul import NARROW, onednn_available, use_onednn
+from pyro_vae import onednn
+from pyro_vae.onednn import NARROW, linear_products, onednn_available, use_onednn
 
 from .test_trainer import trainer_pair
 
@@ -109,9 +109,54 @@ def test_a_step_whose_onednn_products_fail_keeps_torch_s_products(monkeypatch, c
 
 
 def test_without_onednn_nothing_is_rewritten(monkeypatch):
-    monkeypatch.setattr(matmul, "onednn_available", lambda: False)
+    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
     graph, _ = traced()
     assert use_onednn(graph) == 0
+
+
+@needs_onednn
+def test_linear_without_gradients_runs_on_onednn_with_the_same_values(monkeypatch):
+    calls = []
+    kernel = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: calls.append(a[0].shape) or kernel(*a))
+    layer = torch.nn.Linear(7, 5)
+    x = torch.randn(3, 4, 7)  # leading dimensions are flattened and restored
+    with torch.no_grad():
+        want = [layer(x), layer(x[0, 0]), torch.nn.functional.linear(x, layer.weight)]
+        with linear_products():
+            got = [layer(x), layer(x[0, 0]), torch.nn.functional.linear(x, layer.weight),
+                   layer(x.double().float()), layer.double()(x.double())]
+    assert calls == [(12, 7), (1, 7), (12, 7), (12, 7)]  # not the float64 layer
+    for g, w in zip(got, want + [want[0], want[0].double()]):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_linear_with_gradients_is_left_to_torch(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: pytest.fail("oneDNN called with gradients on"))
+    layer = torch.nn.Linear(7, 5)
+    with linear_products():
+        out = layer(torch.randn(3, 7))
+    out.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_importance_sampled_log_p_x_is_the_same_with_onednn_s_products(monkeypatch):
+    """The estimate on oneDNN against the same estimate on torch's BLAS (the mode
+    switched off), same seed: equal to float32 rounding."""
+    from pyro_vae import VAE
+    from pyro_vae.estimators import importance_log_likelihood
+
+    torch.manual_seed(0)
+    vae = VAE(x_dim=16, z_dim=2, hidden_dims=(8,))
+    x = torch.bernoulli(torch.full((6, 16), 0.4))
+    fast = importance_log_likelihood(vae, x, num_samples=50, seed=3)
+    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
+    blas = importance_log_likelihood(vae, x, num_samples=50, seed=3)
+    torch.testing.assert_close(fast, blas, rtol=1e-5, atol=1e-5)
 
 
 # -- glibc's malloc ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pyro_vae import (
     train,
 )
 from pyro_vae.data import DeviceBatches
-from pyro_vae.runner.matmul import onednn_available
+from pyro_vae.onednn import onednn_available
 from pyro_vae.runner.state import EpochProgress
 from pyro_vae.runner.step import Diverged
 from pyro_vae.runner.train import fit_epoch

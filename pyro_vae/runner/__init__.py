@@ -2,7 +2,7 @@
 
 - :mod:`~pyro_vae.runner.resolve`: the one place where data meets model;
 - :mod:`~pyro_vae.runner.step`: the one training step (:meth:`Trainer.step`), its matrix
-  products through oneDNN (:mod:`~pyro_vae.runner.matmul`);
+  products through oneDNN (:mod:`~pyro_vae.onednn`);
 - :mod:`~pyro_vae.runner.threads`, :mod:`~pyro_vae.runner.allocator`: the CPU's threads
   and glibc's malloc set for training;
 - :mod:`~pyro_vae.runner.state`: the one checkpoint schema;

@@ -5,7 +5,7 @@
 back from the device: ``eager`` (Pyro traces model and guide every step; DDP's forward
 under torchrun), ``traced`` (CPU: traced once per batch shape into an aten graph with
 ``make_fx`` -- what Pyro's Python computes, without the Python -- and replayed, its
-matrix products through oneDNN (:mod:`~pyro_vae.runner.matmul`); with ``compile``, that
+matrix products through oneDNN (:mod:`~pyro_vae.onednn`); with ``compile``, that
 graph compiled by Inductor into fused kernels) and
 ``cuda-graph`` (the whole step, Adam included, captured once per batch shape and
 replayed; the Philox offsets advance with every replay, so each step draws fresh noise).
@@ -31,7 +31,7 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import ConfigError, get_logger
-from .matmul import use_onednn
+from ..onednn import use_onednn
 
 log = get_logger(__name__)
 
@@ -94,7 +94,7 @@ class Trainer:
     average the gradients). ``nan_policy``: ``"stop"`` -- every step updates and the caller
     acts on ``finite``; ``"skip"`` -- a non-finite step changes no state. ``onednn``: the
     traced step's matrix products through oneDNN where it gives the same loss and
-    gradients (:mod:`~pyro_vae.runner.matmul`); ``False`` keeps torch's BLAS.
+    gradients (:mod:`~pyro_vae.onednn`); ``False`` keeps torch's BLAS.
     """
 
     def __init__(self, objective: nn.Module, lr: float, *, fast: bool = True,
