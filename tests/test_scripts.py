@@ -143,42 +143,44 @@ def test_the_priors_and_posteriors_table_runs_end_to_end(tmp_path):
         "calibration_vamp-iaf.png", "vamp_pseudo_inputs.png"}
 
 
+def run_script(tmp_path, name: str, *args: str) -> str:
+    """``python -m scripts.NAME ARGS --doc DOC`` from the repository root; DOC's text."""
+    doc = tmp_path / "doc.md"
+    result = subprocess.run([sys.executable, "-m", f"scripts.{name}", *args, "--doc", str(doc)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return doc.read_text()
+
+
 @pytest.mark.slow
 def test_the_compiled_step_measurement_runs_end_to_end(tmp_path):
-    doc = tmp_path / "benchmarks.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.compiled_step", "--batch-sizes", "8", "--calls", "3",
-         "--rounds", "1", "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    row = next(line for line in doc.read_text().splitlines() if line.startswith("| 8 |"))
+    text = run_script(tmp_path, "compiled_step", "--batch-sizes", "8", "--calls", "3",
+                      "--rounds", "1")
+    row = next(line for line in text.splitlines() if line.startswith("| 8 |"))
     loss, grads = (float(v) for v in row.strip(" |").split("|")[-1].split("/"))
     assert loss < 1e-5 and grads < 1e-4  # the same loss and gradients on the same noise
 
 
 def test_the_calibration_level_script_counts_rejections_of_an_exact_posterior(tmp_path):
-    doc = tmp_path / "priors.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.calibration_level", "--seeds", "3", "--simulations",
-         "50", "--draws", "10", "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "## The level of the check" in doc.read_text() and "with 3 seeds" in doc.read_text()
+    text = run_script(tmp_path, "calibration_level", "--seeds", "3", "--simulations", "50",
+                      "--draws", "10")
+    assert "## The level of the check" in text and "with 3 seeds" in text
 
 
 def test_the_interrupt_sweep_counts_runs_that_exit_130_with_one_line(tmp_path):
-    doc = tmp_path / "reliability.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.interrupt_sweep", "--runs", "2", "--latest", "0.5",
-         "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    text = doc.read_text()
+    text = run_script(tmp_path, "interrupt_sweep", "--runs", "2", "--latest", "0.5")
     assert "## Two Ctrl-Cs at random moments" in text and "of 2 runs exited 130" in text
 
 
 def test_the_matmul_kernel_measurement_times_every_product_of_a_step(tmp_path):
-    doc = tmp_path / "benchmarks.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.matmul_kernels", "--batch-sizes", "8", "--calls", "2",
-         "--rounds", "1", "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in doc.read_text().splitlines() if line.startswith("| 8 |")]
+    text = run_script(tmp_path, "matmul_kernels", "--batch-sizes", "8", "--calls", "2",
+                      "--rounds", "1")
+    rows = [line for line in text.splitlines() if line.startswith("| 8 |")]
     assert len(rows) == 12 and "all 11 products of a step" in rows[-1]  # 784-400-20
+
+
+def test_the_allocator_measurement_compares_glibc_s_default_with_kept_memory(tmp_path):
+    text = run_script(tmp_path, "allocator_effect", "--batch-sizes", "64", "--rounds", "1",
+                      "--epochs", "1", "--images", "512")
+    row = next(line for line in text.splitlines() if line.startswith("| 64 |"))
+    assert "## Allocator (cpu)" in text and len(row.split("|")) == 7
