@@ -108,6 +108,21 @@ def test_a_step_whose_onednn_products_fail_keeps_torch_s_products(monkeypatch, c
     assert failing not in targets(graph) and aten.mm.default in targets(graph)
 
 
+@needs_onednn
+def test_a_first_batch_with_a_non_finite_gradient_keeps_torch_s_products():
+    """Nothing to compare oneDNN's products with: the BLAS graph is kept."""
+    (_, fast), _ = trainer_pair("bernoulli", "mlp")
+    x, index = torch.randn(8, 16), torch.arange(8)
+
+    def step(*args):  # (*state, x, index) -> (loss, a product), the loss not finite
+        *_, xb, _ = args
+        return xb.sum() / 0.0 * 0.0, xb @ xb.t()
+
+    graph = make_fx(step, tracing_mode="fake")(*fast._state(), x, index)
+    kept = fast._with_onednn((tuple(x.shape),), graph, x, index)
+    assert kept is graph and aten.mm.default in targets(kept)
+
+
 def test_without_onednn_nothing_is_rewritten(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_available", lambda: False)
     graph, _ = traced()

@@ -251,6 +251,10 @@ class Trainer:
             log.warning("oneDNN's matrix products failed (%s); the step keeps torch's BLAS",
                         " ".join(str(e).split())[:160])
             return graph
+        if not all(bool(torch.isfinite(a).all()) for a in outputs[0]):
+            log.debug("batch shape %s: a non-finite loss or gradient; nothing to compare "
+                      "oneDNN's products with, the step keeps torch's BLAS", key[0])
+            return graph
         worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
                     for a, b in zip(*outputs))
         if not worst <= ONEDNN_TOLERANCE:
