@@ -1,15 +1,15 @@
-"""Would Inductor make the CPU step faster? The traced step's graph against the same graph
-compiled by ``torch.compile`` (Inductor), side by side in one process.
+"""Would Inductor make the CPU step faster? The Trainer's traced step against the same
+step compiled by Inductor (``--compile-step``), side by side in one process.
 
-For each batch size: the graph that pyro-vae's fast step replays (loss and gradients of the
-784-400-20 VAE's ELBO, traced with ``make_fx``, its matrix products through oneDNN as the
-Trainer rewrites them) is compiled with Inductor
-(``fallback_random``, so both draw the same noise), cold (an empty cache) and warm (the
-FX-graph cache filled, as a second run would find it); then both are replayed in
-alternating rounds and the median time per call is kept. Loss and gradients of the two are
-compared on the same noise (they agree to float32 rounding: Inductor fuses and reorders
-the arithmetic around the matrix products). Writes the "Compiled step (Inductor), cpu" section of
-docs/benchmarks.md:
+For each batch size: two Trainers of the 784-400-20 VAE's ELBO on the same parameters, one
+replaying the traced step (loss, gradients, finite check and Adam's update in one aten
+graph, its matrix products through oneDNN), one with that graph compiled by Inductor
+(``fallback_random``, so both draw the same noise) -- compiled cold (an empty cache) and
+warm (the FX-graph cache filled, as a second run would find it). Both then take steps in
+alternating rounds and the median time per step is kept. Loss and gradients of the two
+graphs are compared on the same state and noise (they agree to float32 rounding: Inductor
+fuses and reorders the arithmetic around the matrix products). Writes the "Compiled step
+(Inductor), cpu" section of docs/benchmarks.md:
 
     python -m scripts.compiled_step [--batch-sizes 128 1024] [--calls 200]
 """
@@ -17,7 +17,6 @@ docs/benchmarks.md:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import tempfile
@@ -27,74 +26,62 @@ from pathlib import Path
 import torch
 
 from pyro_vae import VAE, Objective, SyncFreeTrace_ELBO, Trainer
-from pyro_vae.onednn import use_onednn
 from scripts._docs import machine_description, update_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def traced_graph(batch: int):
-    torch.manual_seed(0)
+def trainer(compile: bool) -> Trainer:
+    torch.manual_seed(0)  # the same parameters for every trainer
     objective = Objective(VAE("bernoulli"), SyncFreeTrace_ELBO(max_plate_nesting=1),
                           num_data=60_000)
-    trainer = Trainer(objective, 1e-3, onednn=False)
-    x = (torch.rand(batch, 784) > 0.5).float()
-    index = torch.arange(batch)
-    trainer.step(x, index)  # validates, traces
-    graph = trainer._replays[(tuple(x.shape), x.dtype, False)]
-    return graph, [*trainer._state(), x, index]
+    return Trainer(objective, 1e-3, compile=compile)
 
 
-def with_onednn(graph, for_inductor: bool):
-    """The graph with its products through oneDNN, as the Trainer rewrites it."""
-    rewritten = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
-    use_onednn(rewritten, for_inductor=for_inductor)
-    return rewritten
-
-
-def compile_graph(graph, inputs):
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    inductor.fallback_random = True  # aten's RNG: the same noise as the traced graph
-    torch._dynamo.reset()
-    compiled = torch.compile(graph, backend="inductor", dynamic=False)
-    start = time.perf_counter()
+def same_state(source: Trainer, target: Trainer) -> None:
+    """Copy parameters and Adam's state of ``source`` into ``target``'s tensors."""
     with torch.no_grad():
-        compiled(*inputs)
-    return compiled, time.perf_counter() - start
+        for a, b in zip(source._step_inputs(), target._step_inputs()):
+            b.copy_(a)
 
 
-def per_call_ms(fn, inputs, calls: int) -> float:
+def per_step_ms(t: Trainer, x, index, calls: int) -> float:
     times = []
-    with torch.no_grad():
-        for _ in range(calls):
-            start = time.perf_counter()
-            fn(*inputs)
-            times.append(time.perf_counter() - start)
+    for _ in range(calls):
+        start = time.perf_counter()
+        t.step(x, index)
+        times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
 def measure(batch: int, calls: int, rounds: int) -> dict:
-    blas, inputs = traced_graph(batch)
-    graph, for_inductor = with_onednn(blas, False), with_onednn(blas, True)
-    _, cold = compile_graph(for_inductor, inputs)
-    compiled, warm = compile_graph(for_inductor, inputs)  # the cache filled by the cold one
-    torch.manual_seed(1)
-    with torch.no_grad():
-        a = graph(*inputs)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        b = compiled(*inputs)
+    x = (torch.rand(batch, 784) > 0.5).float()
+    index = torch.arange(batch)
+    key = (tuple(x.shape), x.dtype, False)
+    traced = trainer(False)
+    traced.step(x, index)  # validates, traces
+    cold = trainer(True)
+    cold.step(x, index)  # compiles with an empty cache
+    compiled = trainer(True)
+    compiled.step(x, index)  # compiles again: the cache filled by the cold one
+    assert compiled.compile, "Inductor could not compile the step here"
+    same_state(traced, compiled)
+    outputs = []
+    for t in (traced, compiled):
+        torch.manual_seed(1)
+        outputs.append(t._scratch_run(t._replays[key], x, index))
+    (a_loss, _, *a_grads), (b_loss, _, *b_grads) = outputs
     grad_diff = max(float((p - q).abs().max() / p.abs().max().clamp(min=1e-30))
-                    for p, q in zip(a[1:], b[1:]))
-    traced, fused = [], []
+                    for p, q in zip(a_grads, b_grads[:len(a_grads)]))
+    steps_traced, steps_compiled = [], []
     for _ in range(rounds):  # alternating, so drifts of the machine hit both
-        traced.append(per_call_ms(graph, inputs, calls))
-        fused.append(per_call_ms(compiled, inputs, calls))
-    return {"batch": batch, "nodes": len(graph.graph.nodes), "cold_s": cold, "warm_s": warm,
-            "traced_ms": statistics.median(traced), "compiled_ms": statistics.median(fused),
-            "loss_rel_diff": float((a[0] - b[0]).abs() / a[0].abs()),
+        steps_traced.append(per_step_ms(traced, x, index, calls))
+        steps_compiled.append(per_step_ms(compiled, x, index, calls))
+    return {"batch": batch, "nodes": len(traced._replays[key].graph.nodes),
+            "cold_s": cold.compile_seconds, "warm_s": compiled.compile_seconds,
+            "traced_ms": statistics.median(steps_traced),
+            "compiled_ms": statistics.median(steps_compiled),
+            "loss_rel_diff": float((a_loss - b_loss).abs() / a_loss.abs()),
             "grad_rel_diff": grad_diff}
 
 
@@ -116,10 +103,11 @@ def main() -> None:
                         f"{r['cold_s']:.1f} / {r['warm_s']:.1f} | "
                         f"{r['loss_rel_diff']:.1e} / {r['grad_rel_diff']:.1e} |")
     body = "\n".join([
-        f"`python -m scripts.compiled_step` on {machine_description()}, quiet: the fast step's "
-        f"traced graph (loss and gradients, no Adam) replayed as it is and compiled by "
-        f"Inductor, medians of {args.rounds} alternating rounds of {args.calls} calls; "
-        "compile time cold (empty cache) and warm (cache filled).", "",
+        f"`python -m scripts.compiled_step` on {machine_description()}, quiet: the "
+        "Trainer's step (loss, gradients, finite check and Adam's update in one traced "
+        "graph) replayed as it is and compiled by Inductor, medians of "
+        f"{args.rounds} alternating rounds of {args.calls} steps on one batch; compile time "
+        "cold (empty cache) and warm (cache filled).", "",
         "| batch | graph nodes | traced ms | Inductor ms | speed-up | compile s, cold / warm | "
         "relative difference of the loss / of the gradients (largest) |",
         "|---|---|---|---|---|---|---|", *rows])

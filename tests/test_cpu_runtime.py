@@ -114,11 +114,12 @@ def test_a_first_batch_with_a_non_finite_gradient_keeps_torch_s_products():
     (_, fast), _ = trainer_pair("bernoulli", "mlp")
     x, index = torch.randn(8, 16), torch.arange(8)
 
-    def step(*args):  # (*state, x, index) -> (loss, a product), the loss not finite
+    def step(*args):  # (*state, x, index) -> (loss, finite, a product), the loss not finite
         *_, xb, _ = args
-        return xb.sum() / 0.0 * 0.0, xb @ xb.t()
+        loss = xb.sum() / 0.0 * 0.0
+        return loss, torch.isfinite(loss), xb @ xb.t()
 
-    graph = make_fx(step, tracing_mode="fake")(*fast._state(), x, index)
+    graph = make_fx(step, tracing_mode="fake")(*fast._step_inputs(), x, index)
     kept = fast._with_onednn((tuple(x.shape),), graph, x, index)
     assert kept is graph and aten.mm.default in targets(kept)
 
@@ -186,12 +187,18 @@ FAULTS = textwrap.dedent("""
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
     def step():  # a step's intermediates: a dozen (1024, 784) buffers, then freed
         buffers = [torch.empty(1024 * 784).fill_(1.0) for _ in range(12)]
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(3):
         step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
+    counts = []
+    for _ in range(21):
+        before = faults()
         step()
-    print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+        counts.append(faults() - before)
+    # the median step: a one-time event of the process (a thread's first stack pages, a
+    # lazy initialization) lands in one step only
+    print(kept, sorted(counts)[10])
 """)
 
 
@@ -204,8 +211,9 @@ def page_faults_per_step(*args, env=None):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_kept_freed_memory_makes_a_step_s_buffers_fault_free():
-    """Counted, not timed: the page faults of a step's buffers, which glibc at its starting
-    threshold returns to the kernel and maps again (thousands per step)."""
+    """Counted, not timed: the page faults of a step's buffers (the median step's), which
+    glibc at its starting threshold returns to the kernel and maps again (thousands per
+    step)."""
     _, default = page_faults_per_step("default")
     kept, faults = page_faults_per_step("keep")
     assert kept == "True" and faults < 10 and default > 1000, (faults, default)

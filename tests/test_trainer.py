@@ -325,7 +325,7 @@ def test_a_step_that_cannot_be_compiled_falls_back_to_the_traced_step(monkeypatc
     def refuse(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", refuse)
     (vae, _), _ = trainer_pair()
     trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64),
                       1e-2, compile=True)

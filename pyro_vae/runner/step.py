@@ -3,10 +3,11 @@
 :func:`loss_and_grads` is the pure core, ``(state..., x, index) -> (loss, *gradients)``.
 :class:`Trainer` runs it with Adam in one of three modes, none of which reads anything
 back from the device: ``eager`` (Pyro traces model and guide every step; DDP's forward
-under torchrun), ``traced`` (CPU: traced once per batch shape into an aten graph with
-``make_fx`` -- what Pyro's Python computes, without the Python -- and replayed, its
-matrix products through oneDNN (:mod:`~pyro_vae.onednn`); with ``compile``, that
-graph compiled by Inductor into fused kernels) and
+under torchrun), ``traced`` (CPU: the whole step -- loss, gradients, finite check and
+Adam's update -- traced once per batch shape into an aten graph with ``make_fx``, what
+Pyro's and the optimizer's Python compute, without the Python, and replayed; its matrix
+products through oneDNN (:mod:`~pyro_vae.onednn`); with ``compile``, that graph compiled
+by Inductor into fused kernels) and
 ``cuda-graph`` (the whole step, Adam included, captured once per batch shape and
 replayed; the Philox offsets advance with every replay, so each step draws fresh noise).
 
@@ -73,6 +74,32 @@ def finite(loss: torch.Tensor, grads) -> torch.Tensor:
     return torch.isfinite(total)
 
 
+def adam_in_graph(params, grads, exp_avgs, exp_avg_sqs, steps, lr, *, beta1: float,
+                  beta2: float, eps: float, fused: bool):
+    """Adam's update of ``params`` and its state in place, as a traced graph holds it.
+
+    ``fused``: torch's fused CPU kernel, as ``torch.optim.Adam(fused=True).step()`` calls
+    it (the same bits); else the same rule as elementwise tensor arithmetic, which Inductor
+    fuses into one loop per parameter. Returns ``None`` or, unfused, the 2-vector
+    ``(lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t))``: the caller returns it from the graph
+    so that Inductor computes it once, not once per vector of every parameter's loop.
+    """
+    if fused:
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                           lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                           maximize=False)
+        return None
+    step = steps[0] + 1  # Adam steps every parameter together: one count for all
+    scale = torch.stack([lr / (1 - beta1 ** step), (1 - beta2 ** step).rsqrt()])
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        t.copy_(step)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.sub_(scale[0] * m / (v.sqrt() * scale[1] + eps))
+    return scale
+
+
 def _adam(params, lr: torch.Tensor, eps: float, beta1: float, capturable: bool
           ) -> torch.optim.Adam:
     """Adam with the fastest implementation torch has for the device (same update rule)."""
@@ -118,6 +145,7 @@ class Trainer:
         self.optimizer = _adam(self.params, self.lr, eps, beta1, self.mode == "cuda-graph")
         self._validated: set[tuple] = set()
         self._replays: dict[tuple, object] = {}
+        self._inputs: list[torch.Tensor] | None = None  # the traced step's state inputs
 
     def set_lr(self, lr: float) -> None:
         """Use learning rate ``lr`` from the next step on (a device tensor: no retracing)."""
@@ -130,6 +158,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self._replays.clear()  # captured graphs hold the old state tensors
+        self._inputs = None
 
     def step(self, x: torch.Tensor, index: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +169,8 @@ class Trainer:
         graphs they are the graph's outputs, overwritten by the next step.
         """
         key = (tuple(x.shape), x.dtype, index is None)
+        # the layout the step was traced (and compiled) for
+        x, index = x.contiguous(), None if index is None else index.contiguous()
         if key not in self._validated:
             self.validate(x, index)
         with pyro.validation_enabled(False):
@@ -147,9 +178,9 @@ class Trainer:
                 replay = self._replays.get(key)
                 if replay is None:
                     replay = self._trace(key, x, index)
-                with torch.no_grad():  # the graph holds the backward pass
-                    loss, *grads = replay(*self._state(), x, index)
-                return self._update(loss, grads)
+                with torch.no_grad():  # the graph holds the backward pass and the update
+                    loss, ok, *_ = replay(*self._step_inputs(), x, index)
+                return loss, ok
             if self.mode == "cuda-graph":
                 return self._graph_step(key, x, index)
             return self._update(*self._forward_backward(x, index))
@@ -207,18 +238,52 @@ class Trainer:
         state = [*self.objective.named_parameters(), *self.objective.named_buffers()]
         return state if named else [t for _, t in state]
 
+    def _step_inputs(self) -> list[torch.Tensor]:
+        """The traced step's state: parameters and buffers (in the order of
+        :meth:`_state`), Adam's first and second moments and step counts (one per
+        parameter, in the order of ``self.params``), the learning rate."""
+        if self._inputs is None:
+            self._optimized()  # Adam's state exists before it is traced
+            state = [self.optimizer.state[p] for p in self.params]
+            self._inputs = [*self._state(), *(s["exp_avg"] for s in state),
+                            *(s["exp_avg_sq"] for s in state), *(s["step"] for s in state),
+                            self.lr]
+        return self._inputs
+
     def _trace(self, key, x, index):
-        """Trace :func:`loss_and_grads` for this batch shape into an aten graph."""
+        """Trace the whole step for this batch shape into an aten graph
+        ``(*state, x, index) -> (loss, finite, *gradients[, Adam's scale])`` that updates
+        the parameters and Adam's state in place; its products through oneDNN and, with
+        ``compile``, compiled by Inductor."""
         named = self._state(named=True)
         names, trainable = [n for n, _ in named], [t.requires_grad for _, t in named]
+        group = self.optimizer.param_groups[0]
+        options = dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                       fused=bool(group.get("fused")) and not self.compile)
+        n_state, n = len(named), len(self.params)
 
         def fn(*args):
-            return loss_and_grads(self.objective, names, trainable, *args)
+            values, adam, (lr, x, index) = args[:n_state], args[n_state:-3], args[-3:]
+            loss, *grads = loss_and_grads(self.objective, names, trainable, *values, x, index)
+            ok = finite(loss, grads)
+            params = [v for v, t in zip(values, trainable) if t]
+            state = [params, list(adam[:n]), list(adam[n:2 * n]), list(adam[2 * n:])]
+            with torch.no_grad():
+                if self.skip_nonfinite:  # a non-finite step changes no state
+                    saved = [t.clone() for t in (*params, *adam)]
+                    used = [torch.where(ok, g, 0.0) for g in grads]
+                else:
+                    used = grads
+                scale = adam_in_graph(state[0], used, *state[1:], lr, **options)
+                if self.skip_nonfinite:
+                    for t, old in zip((*params, *adam), saved):
+                        t.copy_(torch.where(ok, t, old))
+            return (loss, ok, *grads) + (() if scale is None else (scale,))
 
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
-                graph = make_fx(fn, tracing_mode="fake")(*self._state(), x, index)
+                graph = make_fx(fn, tracing_mode="fake")(*self._step_inputs(), x, index)
         except Exception as e:  # noqa: BLE001 - whatever stops tracing, the fix is the same
             reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise ConfigError(
@@ -230,9 +295,24 @@ class Trainer:
         if self.onednn:
             graph = self._with_onednn(key, graph, x, index)
         if self.compile:
-            graph = self._compiled(key, graph, x, index)
+            compiled = self._compiled(key, graph, x, index)
+            if compiled is None:  # not compiled: traced again with the fused Adam kernel
+                return self._trace(key, x, index)
+            graph = compiled
         self._replays[key] = graph
         return graph
+
+    def _scratch(self) -> list[torch.Tensor]:
+        """A copy of the traced step's state (the step updates its state in place)."""
+        with torch.no_grad():
+            return [t.clone().requires_grad_(t.requires_grad) for t in self._step_inputs()]
+
+    def _scratch_run(self, graph, x, index):
+        """``graph``'s outputs on a copy of the state, under a forked RNG: the trainer's
+        state and noise stream stay as they were."""
+        scratch = self._scratch()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            return graph(*scratch, x, index)
 
     def _with_onednn(self, key, graph, x, index):
         """``graph`` with its products through oneDNN, if that gives its loss and gradients
@@ -242,11 +322,10 @@ class Trainer:
         count = use_onednn(rewritten, for_inductor=self.compile)
         if not count:
             return graph
-        outputs = []
+        n = 2 + len(self.params)  # loss, finite and the gradients
         try:
-            for g in (graph, rewritten):
-                with torch.random.fork_rng(devices=[]), torch.no_grad():
-                    outputs.append(g(*self._state(), x, index))
+            outputs = [[a for i, a in enumerate(self._scratch_run(g, x, index)[:n]) if i != 1]
+                       for g in (graph, rewritten)]
         except RuntimeError as e:
             log.warning("oneDNN's matrix products failed (%s); the step keeps torch's BLAS",
                         " ".join(str(e).split())[:160])
@@ -266,24 +345,28 @@ class Trainer:
         return rewritten
 
     def _compiled(self, key, graph, x, index):
-        """``graph`` compiled by Inductor, run once under a forked RNG (the noise stream
-        stays the traced graph's: Inductor draws through aten, ``fallback_random``); the
-        graph itself, with one logged line, where compilation fails."""
+        """``graph`` compiled by Inductor, run once on a copy of the state; ``None``, with
+        one logged line, where compilation fails.
+
+        Inductor compiles the aten graph as it is (``compile_fx``: no Dynamo frame, so no
+        guards to evaluate at every step; :meth:`step` keys graphs by batch shape and hands
+        them contiguous batches). Random draws go through aten (``fallback_random``): the
+        noise stream stays the traced graph's."""
         import torch._inductor.config as inductor
+        from torch._inductor.compile_fx import compile_fx
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))
         start = time.perf_counter()
         try:
-            compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True)
-            with inductor.patch(fallback_random=True), torch.random.fork_rng(devices=[]), \
-                    torch.no_grad():
-                compiled(*self._state(), x, index)
+            with inductor.patch(fallback_random=True), torch.no_grad():
+                compiled = compile_fx(graph, [*self._scratch(), x, index])
+            self._scratch_run(compiled, x, index)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the traced step works
             reason = " ".join(str(e).split())[:160] or type(e).__name__
             log.warning("the training step could not be compiled (%s); training goes on with "
                         "the traced step", reason)
             self.compile = False
-            return graph
+            return None
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
         log.info("compiled the training step for batch shape %s in %.1f s (cache: %s)",
