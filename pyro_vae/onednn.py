@@ -107,6 +107,9 @@ def use_onednn(graph: fx.GraphModule, for_inductor: bool = False) -> int:
         with graph.graph.inserting_before(node):
             weight = graph.graph.call_function(aten.t.default, (b,))
             if for_inductor:
+                if not a.meta["val"].is_contiguous():
+                    a = graph.graph.call_function(
+                        aten.clone.default, (a,), {"memory_format": torch.contiguous_format})
                 product = graph.graph.call_function(torch.ops.pyro_vae.linear.default,
                                                     (a, weight, bias))
             else:

@@ -132,3 +132,25 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
     assert [r["test_elbo"] for r in a] == [r["test_elbo"] for r in b]
     # the interrupted and resumed run leaves the same files as the straight one
     assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+
+
+@pytest.mark.parametrize(("epochs", "device", "setting", "chosen"), [
+    (3, "cpu", None, True),  # 3 x 700,000 images: 2.1 million
+    (2, "cpu", None, False),
+    (3, "cuda", None, False),  # CUDA graphs, not Inductor
+    (2, "cpu", True, True),  # a setting is kept as it is
+    (3, "cpu", False, False),
+])
+def test_auto_compile_step_compiles_the_cpu_step_of_runs_of_two_million_images(
+        epochs, device, setting, chosen):
+    from pyro_vae.runner.resolve import AUTO_COMPILE_IMAGES, compile_step
+
+    assert AUTO_COMPILE_IMAGES == 2_000_000
+    config = tiny_config(epochs=epochs, compile_step=setting)
+    assert compile_step(config, 700_000, torch.device(device)) is chosen
+
+
+def test_the_auto_compile_choice_is_recorded_in_the_run_s_config(tmp_path):
+    run = train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run.config.train.compile_step is False and saved["train"]["compile_step"] is False

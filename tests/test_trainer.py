@@ -325,7 +325,7 @@ def test_a_step_that_cannot_be_compiled_falls_back_to_the_traced_step(monkeypatc
     def refuse(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", refuse)
+    monkeypatch.setattr(torch, "compile", refuse)
     (vae, _), _ = trainer_pair()
     trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64),
                       1e-2, compile=True)
@@ -340,8 +340,24 @@ def test_a_step_that_cannot_be_compiled_falls_back_to_the_traced_step(monkeypatc
 def test_compiled_training_resumes_exactly_and_records_its_compile_time(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     straight = train(tiny_config(epochs=2, compile_step=True), tmp_path / "a", progress=False)
-    assert straight.metrics[0]["compile_seconds"] > 0  # two batch shapes, in epoch 1
+    assert straight.metrics[0]["compile_seconds"] > 0  # the full batches' shape, in epoch 1
     assert "compile_seconds" not in straight.metrics[1]
     train(tiny_config(epochs=1, compile_step=True), tmp_path / "b", progress=False)
     resumed = train(resume=tmp_path / "b", epochs=2, progress=False)
     assert comparable(resumed.metrics) == comparable(straight.metrics)
+
+
+@pytest.mark.slow
+def test_with_a_compile_batch_only_that_batch_size_is_compiled(tmp_path, monkeypatch):
+    """An epoch's last, smaller batch replays the traced graph instead of compiling."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    (vae, _), _ = trainer_pair()
+    trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64),
+                      1e-2, compile=True, compile_batch=8)
+    full, last = (torch.bernoulli(torch.full((n, 16), 0.4)) for n in (8, 5))
+    trainer.step(full, torch.arange(8))
+    trainer.step(last, torch.arange(5))
+    graphs = {key[0][0]: graph for key, graph in trainer._replays.items()}
+    assert not isinstance(graphs[8], torch.fx.GraphModule)  # Inductor's
+    assert isinstance(graphs[5], torch.fx.GraphModule)
+    assert any(n.target == torch.ops.aten._fused_adam_.tensor_lr for n in graphs[5].graph.nodes)

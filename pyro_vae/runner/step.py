@@ -100,6 +100,11 @@ def adam_in_graph(params, grads, exp_avgs, exp_avg_sqs, steps, lr, *, beta1: flo
     return scale
 
 
+def _no_guards(entries) -> list[bool]:
+    """``guard_filter_fn`` of ``torch.compile``: keep none of Dynamo's guards."""
+    return [False] * len(entries)
+
+
 def _adam(params, lr: torch.Tensor, eps: float, beta1: float, capturable: bool
           ) -> torch.optim.Adam:
     """Adam with the fastest implementation torch has for the device (same update rule)."""
@@ -121,13 +126,15 @@ class Trainer:
     average the gradients). ``nan_policy``: ``"stop"`` -- every step updates and the caller
     acts on ``finite``; ``"skip"`` -- a non-finite step changes no state. ``onednn``: the
     traced step's matrix products through oneDNN where it gives the same loss and
-    gradients (:mod:`~pyro_vae.onednn`); ``False`` keeps torch's BLAS.
+    gradients (:mod:`~pyro_vae.onednn`); ``False`` keeps torch's BLAS. ``compile``: the
+    traced step compiled by Inductor (CPU); ``compile_batch``: only for batches of that
+    many images, the others replay the traced graph (``None``: every batch shape).
     """
 
     def __init__(self, objective: nn.Module, lr: float, *, fast: bool = True,
                  nan_policy: str = "stop", module: nn.Module | None = None,
                  eps: float = 1e-8, beta1: float = 0.9, compile: bool = False,
-                 onednn: bool = True):
+                 compile_batch: int | None = None, onednn: bool = True):
         self.objective, self.module = objective, module or objective
         self.skip_nonfinite = nan_policy == "skip"
         self.params = [p for p in objective.parameters() if p.requires_grad]
@@ -137,8 +144,11 @@ class Trainer:
         if fast and self.mode == "eager":
             log.info("eager training steps: %s", "DDP averages gradients in its own hooks"
                      if module is not None else f"no fast step on {self.device.type}")
-        # the traced graph compiled by Inductor (CPU): each batch shape compiles once
+        # the traced graph compiled by Inductor (CPU): each batch shape compiles once, or
+        # only that of batches of compile_batch images (an epoch's last, smaller batch
+        # would take seconds to compile for one step)
         self.compile = compile and self.mode == "traced"
+        self.compile_batch = compile_batch
         self.compile_seconds = 0.0
         self.onednn = onednn and self.mode == "traced"
         self.lr = torch.tensor(float(lr), device=self.device)
@@ -250,6 +260,9 @@ class Trainer:
                             self.lr]
         return self._inputs
 
+    def _compiles(self, x: torch.Tensor) -> bool:
+        return self.compile and self.compile_batch in (None, x.shape[0])
+
     def _trace(self, key, x, index):
         """Trace the whole step for this batch shape into an aten graph
         ``(*state, x, index) -> (loss, finite, *gradients[, Adam's scale])`` that updates
@@ -259,7 +272,7 @@ class Trainer:
         names, trainable = [n for n, _ in named], [t.requires_grad for _, t in named]
         group = self.optimizer.param_groups[0]
         options = dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                       fused=bool(group.get("fused")) and not self.compile)
+                       fused=bool(group.get("fused")) and not self._compiles(x))
         n_state, n = len(named), len(self.params)
 
         def fn(*args):
@@ -294,7 +307,7 @@ class Trainer:
                   len(graph.graph.nodes), time.perf_counter() - start)
         if self.onednn:
             graph = self._with_onednn(key, graph, x, index)
-        if self.compile:
+        if self._compiles(x):
             compiled = self._compiled(key, graph, x, index)
             if compiled is None:  # not compiled: traced again with the fused Adam kernel
                 return self._trace(key, x, index)
@@ -319,7 +332,7 @@ class Trainer:
         on this batch to float32 rounding (both run under the same forked RNG); else
         ``graph``, with one logged line."""
         rewritten = fx.GraphModule(graph, copy.deepcopy(graph.graph))
-        count = use_onednn(rewritten, for_inductor=self.compile)
+        count = use_onednn(rewritten, for_inductor=self._compiles(x))
         if not count:
             return graph
         n = 2 + len(self.params)  # loss, finite and the gradients
@@ -348,18 +361,16 @@ class Trainer:
         """``graph`` compiled by Inductor, run once on a copy of the state; ``None``, with
         one logged line, where compilation fails.
 
-        Inductor compiles the aten graph as it is (``compile_fx``: no Dynamo frame, so no
-        guards to evaluate at every step; :meth:`step` keys graphs by batch shape and hands
-        them contiguous batches). Random draws go through aten (``fallback_random``): the
-        noise stream stays the traced graph's."""
-        import torch._inductor.config as inductor
-        from torch._inductor.compile_fx import compile_fx
-
+        Dynamo keeps no guards (:meth:`step` keys graphs by batch shape and hands them
+        contiguous batches and the same state tensors; checking them took 85 us a step).
+        Random draws go through aten (``fallback_random``): the noise stream stays the
+        traced graph's."""
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))
         start = time.perf_counter()
         try:
-            with inductor.patch(fallback_random=True), torch.no_grad():
-                compiled = compile_fx(graph, [*self._scratch(), x, index])
+            compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
+                                     options={"fallback_random": True,
+                                              "guard_filter_fn": _no_guards})
             self._scratch_run(compiled, x, index)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the traced step works
             reason = " ".join(str(e).split())[:160] or type(e).__name__

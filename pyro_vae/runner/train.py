@@ -31,7 +31,14 @@ from ..semisupervised import partial_labels
 from ..tracking import TensorBoard, check_available
 from .allocator import keep_freed_memory
 from .distributed import Context, init_from_env
-from .resolve import build_vae, check_config, check_memory, resolve, resolve_device
+from .resolve import (
+    build_vae,
+    check_config,
+    check_memory,
+    compile_step,
+    resolve,
+    resolve_device,
+)
 from .rundir import Run, RunDir
 from .signals import StopRequest
 from .state import (
@@ -166,9 +173,11 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
     num_data = len(splits.train_x)
     weighted = config.train.kl_warmup > 0 or config.train.beta != 1
     objective = Objective(vae, elbo, num_data, weighted_kl=weighted)
+    config.train.compile_step = compile_step(config, num_data, device)  # recorded
     trainer = Trainer(objective, config.train.lr, fast=config.train.fast_step,
                       nan_policy=config.train.nan_policy, eps=config.train.adam_eps,
                       beta1=config.train.adam_beta1, compile=config.train.compile_step,
+                      compile_batch=config.train.batch_size,
                       module=ctx.wrap(objective, device) if ctx.distributed else None)
     history: list[dict] = []
     start_epoch, partial = 0, None
