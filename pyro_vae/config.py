@@ -146,7 +146,7 @@ class TrainConfig:
                               flag="no-fast-step")
     compile_step: bool | None = setting(
         None, "CPU: compile the traced step with Inductor into fused kernels (an epoch "
-        "measured 1.3-1.5x faster on a 2-core CPU; compiles once per run, seconds, then "
+        "measured 1.25-1.4x faster on a 2-core CPU; compiles once per run, seconds, then "
         "cached in ~/.cache/pyro-vae/inductor); default: auto, on for runs of at least "
         "2,000,000 images (epochs x training images), where it pays back even cold, "
         "decided at the start and kept in the run's config.json")

@@ -213,7 +213,7 @@ def pyro_vae_trainer(x, b, device, fast=True, elbo="trace", threads=False, compi
     config.elbo = elbo
     vae = VAE().to(device)
     trainer = Trainer(Objective(vae, make_elbo(config), len(x)), 1e-3, fast=fast,
-                      compile=compile, onednn=onednn)
+                      compile=compile, compile_batch=b, onednn=onednn)
     batches = DeviceBatches(x, b, dynamic=True)
     tuner = ThreadTuner() if threads and device.type == "cpu" else None
 

@@ -37,8 +37,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 # the images (epochs x training images) from which compiling the step pays back with an
-# empty cache: compiling took about 10 s, and saved 4-7 us an image at batch 128-1024 on
-# the project's 2-core CPU (docs/benchmarks.md, "Compiled step (Inductor), cpu")
+# empty cache: compiling took 5-12 s, and saved 7-10 us an image at batch 128-1024 on the
+# project's 2-core CPU (docs/benchmarks.md, "Compiled step (Inductor), cpu")
 AUTO_COMPILE_IMAGES = 2_000_000
 
 
