@@ -20,7 +20,7 @@ from pyro_vae import (
 from pyro_vae.data import DeviceBatches
 from pyro_vae.onednn import onednn_available
 from pyro_vae.runner.state import EpochProgress
-from pyro_vae.runner.step import Diverged
+from pyro_vae.runner.step import Diverged, finite
 from pyro_vae.runner.train import fit_epoch
 
 from .helpers import (
@@ -361,3 +361,15 @@ def test_with_a_compile_batch_only_that_batch_size_is_compiled(tmp_path, monkeyp
     assert not isinstance(graphs[8], torch.fx.GraphModule)  # Inductor's
     assert isinstance(graphs[5], torch.fx.GraphModule)
     assert any(n.target == torch.ops.aten._fused_adam_.tensor_lr for n in graphs[5].graph.nodes)
+
+
+def test_finite_is_true_exactly_when_the_loss_and_every_gradient_are_finite():
+    big = torch.full((3, 2), 3e38)  # finite, though its squares (and a 2-norm) overflow
+    loss, grads = torch.tensor(-2.5), [torch.ones(4), big, None]
+    assert bool(finite(loss, grads))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not bool(finite(torch.tensor(bad), grads))
+        broken = big.clone()
+        broken[1, 0] = bad
+        assert not bool(finite(loss, [torch.ones(4), broken]))
+    assert bool(finite(loss, []))

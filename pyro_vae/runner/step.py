@@ -66,12 +66,14 @@ def loss_and_grads(objective: nn.Module, names: list[str], trainable: list[bool]
 
 
 def finite(loss: torch.Tensor, grads) -> torch.Tensor:
-    """A 0-dim bool tensor: the loss and every gradient are finite."""
-    grads = [g for g in grads if g is not None]
-    total = loss.detach()
-    if grads:
-        total = total + torch.stack(torch._foreach_norm(grads)).sum()
-    return torch.isfinite(total)
+    """A 0-dim bool tensor: the loss and every gradient are finite.
+
+    Exactly when every gradient's smallest and largest entries are finite: a NaN
+    propagates through both, and neither can overflow (a norm's squares overflow float32
+    from entries of 1e19 on, which made an earlier check call such a step non-finite).
+    """
+    extremes = [m for g in grads if g is not None for m in torch.aminmax(g)]
+    return torch.isfinite(torch.stack([loss.detach(), *extremes])).all()
 
 
 def adam_in_graph(params, grads, exp_avgs, exp_avg_sqs, steps, lr, *, beta1: float,
@@ -271,8 +273,9 @@ class Trainer:
         named = self._state(named=True)
         names, trainable = [n for n, _ in named], [t.requires_grad for _, t in named]
         group = self.optimizer.param_groups[0]
+        compiling = self._compiles(x)
         options = dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                       fused=bool(group.get("fused")) and not self._compiles(x))
+                       fused=bool(group.get("fused")) and not compiling)
         n_state, n = len(named), len(self.params)
 
         def fn(*args):
