@@ -146,10 +146,11 @@ class TrainConfig:
                               flag="no-fast-step")
     compile_step: bool | None = setting(
         None, "CPU: compile the traced step with Inductor into fused kernels (an epoch "
-        "measured 1.25-1.4x faster on a 2-core CPU; compiles once per run, seconds, then "
-        "cached in ~/.cache/pyro-vae/inductor); default: auto, on for runs of at least "
-        "2,000,000 images (epochs x training images), where it pays back even cold, "
-        "decided at the start and kept in the run's config.json")
+        "measured 1.25-1.6x faster on a 2-core CPU; compiling takes 5-15 s, or about 2 s "
+        "from the cache in ~/.cache/pyro-vae/inductor); default: auto, on for runs of "
+        "at least 2,000,000 images (epochs x training images), or 500,000 where an "
+        "earlier run compiled the same step, decided at the start and kept in the run's "
+        "config.json")
     seed: int = setting(0, "seed of the training noise and the data order", low=0,
                         high=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA if available")

@@ -20,7 +20,7 @@ LAYERS = [
     {"objective", "estimators", "latents"},
     {"tracking"},
     {"runner", "runner.resolve", "runner.state", "runner.signals", "runner.distributed",
-     "runner.threads", "runner.allocator"},
+     "runner.threads", "runner.allocator", "runner.compiling"},
     {"runner.step"},
     {"runner.rundir"},
     {"runner.train"},

@@ -142,8 +142,9 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
     (3, "cpu", False, False),
 ])
 def test_auto_compile_step_compiles_the_cpu_step_of_runs_of_two_million_images(
-        epochs, device, setting, chosen):
-    from pyro_vae.runner.resolve import AUTO_COMPILE_IMAGES, compile_step
+        epochs, device, setting, chosen, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled before
+    from pyro_vae.runner.compiling import AUTO_COMPILE_IMAGES, compile_step
 
     assert AUTO_COMPILE_IMAGES == 2_000_000
     config = tiny_config(epochs=epochs, compile_step=setting)
@@ -154,3 +155,40 @@ def test_the_auto_compile_choice_is_recorded_in_the_run_s_config(tmp_path):
     run = train(tiny_config(epochs=1), tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert run.config.train.compile_step is False and saved["train"]["compile_step"] is False
+
+
+def test_a_step_compiled_before_into_the_cache_compiles_from_500_000_images(tmp_path,
+                                                                            monkeypatch):
+    from pyro_vae.runner.compiling import compile_step, remember_compiled
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    config = tiny_config(epochs=3)  # 3 x 200,000 images
+    assert not compile_step(config, 200_000, cpu)
+    remember_compiled(config)
+    assert compile_step(config, 200_000, cpu)
+    assert not compile_step(tiny_config(epochs=1), 200_000, cpu)  # 200,000: too few
+    other_rate = tiny_config(epochs=3, lr=0.5, seed=7)  # the same step
+    assert compile_step(other_rate, 200_000, cpu)
+    other_model = tiny_config(epochs=3)
+    other_model.model.z_dim += 1
+    assert not compile_step(other_model, 200_000, cpu)
+    (tmp_path / "pyro-vae-compiled-steps.json").write_text("{not json")
+    assert not compile_step(config, 200_000, cpu)  # an unreadable memory knows nothing
+
+
+@pytest.mark.slow
+def test_a_compiled_run_keeps_its_kernels_in_pyro_vae_s_cache_folder(tmp_path):
+    """torchvision imports Dynamo, which points TORCHINDUCTOR_CACHE_DIR at /tmp unless
+    the run has set it first."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    args = ["--dataset", "mnist-sample", "--epochs", "1", "--batch-size", "64",
+            "--hidden-dims", "32", "--z-dim", "4", "--test-limit", "100", "--quiet",
+            "--compile-step", "--out", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", *args], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cache = tmp_path / "cache" / "pyro-vae" / "inductor"
+    assert (cache / "pyro-vae-compiled-steps.json").is_file()
+    assert len(list(cache.iterdir())) > 1  # Inductor's own files beside it

@@ -1,6 +1,8 @@
 """The one training step: the sync-free ELBOs, eager vs traced vs CUDA-graph steps,
 validation of every batch shape, and no host synchronisation inside steps."""
 
+import json
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -19,6 +21,7 @@ from pyro_vae import (
 )
 from pyro_vae.data import DeviceBatches
 from pyro_vae.onednn import onednn_available
+from pyro_vae.runner.compiling import step_signature
 from pyro_vae.runner.state import EpochProgress
 from pyro_vae.runner.step import Diverged, finite
 from pyro_vae.runner.train import fit_epoch
@@ -342,6 +345,8 @@ def test_compiled_training_resumes_exactly_and_records_its_compile_time(tmp_path
     straight = train(tiny_config(epochs=2, compile_step=True), tmp_path / "a", progress=False)
     assert straight.metrics[0]["compile_seconds"] > 0  # the full batches' shape, in epoch 1
     assert "compile_seconds" not in straight.metrics[1]
+    memory = json.loads((tmp_path / "inductor" / "pyro-vae-compiled-steps.json").read_text())
+    assert memory == [step_signature(straight.config)]  # a later run compiles sooner
     train(tiny_config(epochs=1, compile_step=True), tmp_path / "b", progress=False)
     resumed = train(resume=tmp_path / "b", epochs=2, progress=False)
     assert comparable(resumed.metrics) == comparable(straight.metrics)

@@ -36,25 +36,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# the images (epochs x training images) from which compiling the step pays back with an
-# empty cache: compiling took 5-12 s, and saved 7-10 us an image at batch 128-1024 on the
-# project's 2-core CPU (docs/benchmarks.md, "Compiled step (Inductor), cpu")
-AUTO_COMPILE_IMAGES = 2_000_000
-
-
-def compile_step(config: RunConfig, num_train: int, device: torch.device) -> bool:
-    """``{train.compile_step}`` in effect: the setting, or for ``auto`` (``None``) whether
-    the run plans at least :data:`AUTO_COMPILE_IMAGES` images of the CPU's fast step."""
-    if config.train.compile_step is not None:
-        return config.train.compile_step
-    planned = config.train.epochs * num_train
-    chosen = device.type == "cpu" and config.train.fast_step \
-        and planned >= AUTO_COMPILE_IMAGES
-    log.info("{train.compile_step=auto}: %s (%s images planned; compiled from %s on the CPU)",
-             "compiled" if chosen else "traced", f"{planned:,}", f"{AUTO_COMPILE_IMAGES:,}")
-    return chosen
-
-
 def binarize_mode(config: RunConfig) -> str:
     """The binarization in effect: the setting, or the likelihood's default."""
     if config.data.binarize is not None:

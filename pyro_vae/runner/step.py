@@ -22,9 +22,7 @@ model fails loudly before anything is traced.
 from __future__ import annotations
 
 import copy
-import os
 import time
-from pathlib import Path
 
 import pyro
 import torch
@@ -33,6 +31,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import ConfigError, get_logger
 from ..onednn import use_onednn
+from .compiling import use_inductor_cache
 
 log = get_logger(__name__)
 
@@ -40,10 +39,6 @@ log = get_logger(__name__)
 # step's loss and gradients with oneDNN's products and with torch's BLAS that is rounding
 ONEDNN_TOLERANCE = 1e-3
 WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is captured
-# Inductor's compiled kernels, kept for later runs (unless TORCHINDUCTOR_CACHE_DIR is set)
-INDUCTOR_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyro-vae" \
-    / "inductor"
-
 
 class Diverged(Exception):
     """A non-finite loss or gradient, at ``step`` (0-based) of an epoch where known."""
@@ -368,7 +363,7 @@ class Trainer:
         contiguous batches and the same state tensors; checking them took 85 us a step).
         Random draws go through aten (``fallback_random``): the noise stream stays the
         traced graph's."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))
+        cache = use_inductor_cache()
         start = time.perf_counter()
         try:
             compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
@@ -384,7 +379,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
         log.info("compiled the training step for batch shape %s in %.1f s (cache: %s)",
-                 key[0], seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+                 key[0], seconds, cache)
         return compiled
 
     def _graph_step(self, key, x, index):

@@ -30,15 +30,9 @@ from ..registry import MAIN
 from ..semisupervised import partial_labels
 from ..tracking import TensorBoard, check_available
 from .allocator import keep_freed_memory
+from .compiling import compile_step, remember_compiled, use_inductor_cache
 from .distributed import Context, init_from_env
-from .resolve import (
-    build_vae,
-    check_config,
-    check_memory,
-    compile_step,
-    resolve,
-    resolve_device,
-)
+from .resolve import build_vae, check_config, check_memory, resolve, resolve_device
 from .rundir import Run, RunDir
 from .signals import StopRequest
 from .state import (
@@ -69,6 +63,7 @@ def train(
     continue the run folder ``resume`` with its own ``config.json``, up to ``epochs`` in
     all; return the :class:`~pyro_vae.runner.rundir.Run`. ``force`` replaces a run that
     ``out`` holds; ``progress=False`` shows no bar (default: a bar on a terminal)."""
+    use_inductor_cache()  # before torchvision or tracing import Dynamo (see there)
     state = None
     if resume is not None:
         run_dir = RunDir(resume)
@@ -260,6 +255,8 @@ def _fit(config: RunConfig, ctx: Context, device, run_dir: RunDir | None,
             if trainer.compile_seconds:  # this epoch's compilations (part of its seconds)
                 record["compile_seconds"] = trainer.compile_seconds
                 trainer.compile_seconds = 0.0
+                if trainer.compile:  # compiled, not fallen back: a later run finds it
+                    remember_compiled(config)
             history.append(record)
             if writer is not None:
                 writer.append_metrics(record)

@@ -1,0 +1,114 @@
+"""When the CPU's training step is compiled by Inductor, and where its kernels are kept.
+
+Compiling the traced step (:class:`~pyro_vae.runner.step.Trainer` with ``compile``) makes
+each step faster but costs seconds once: 5-15 s with an empty cache, about 2 s in a new
+process when Inductor's cache already holds the step (0.3 s in the process that filled
+it; docs/benchmarks.md, "Compiled step (Inductor), cpu"). By default
+(``compile_step`` None, "auto") a run compiles when it plans enough images to pay that
+back: :data:`AUTO_COMPILE_IMAGES` cold, :data:`WARM_COMPILE_IMAGES` where an earlier run
+of the same step compiled into the same cache. That memory is a small JSON file beside
+Inductor's cache: signatures of configurations (the settings that shape the step,
+torch's and pyro-vae's versions), never code. The choice is made once, when a run
+starts, and recorded in its ``config.json``: a resumed run keeps it, so it resumes
+exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..errors import get_logger
+
+log = get_logger(__name__)
+
+# the images (epochs x training images) from which compiling pays back with an empty
+# cache: compiling took 5-15 s, and saved 7-10 us an image at batch 128-1024 on the
+# project's 2-core CPU (docs/benchmarks.md, "Compiled step (Inductor), cpu")
+AUTO_COMPILE_IMAGES = 2_000_000
+# ... and with the step in the cache (about 2 s in a new process): 500,000 images save
+# 3.5-5 s; a default run, 10 epochs of MNIST, plans 600,000
+WARM_COMPILE_IMAGES = 500_000
+# settings that do not change the traced step: how long a run is, its noise, its rate
+# (a device tensor), what it writes; every other setting is part of the signature
+_OUTSIDE_THE_STEP = {"epochs", "seed", "lr", "lr_schedule", "compile_step", "device",
+                     "eval_batch_size", "tensorboard"}
+_MEMORY = "pyro-vae-compiled-steps.json"
+
+
+def inductor_cache() -> Path:
+    """Where Inductor keeps compiled kernels: ``TORCHINDUCTOR_CACHE_DIR``, which
+    :func:`use_inductor_cache` sets where it is unset, or pyro-vae's folder in the user's
+    cache (``~/.cache/pyro-vae/inductor``)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyro-vae" \
+        / "inductor"
+
+
+def use_inductor_cache() -> Path:
+    """Point ``TORCHINDUCTOR_CACHE_DIR`` at :func:`inductor_cache` unless it is set, and
+    return it. Called when a run starts: importing Dynamo (torchvision does, and so does
+    tracing) sets the variable to torch's own default, ``/tmp/torchinductor_<user>``."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache()))
+    return inductor_cache()
+
+
+def step_signature(config: RunConfig) -> str:
+    """A hash of what shapes a run's training step: the model, the data's binarization,
+    the training settings but those in ``_OUTSIDE_THE_STEP``, torch's and pyro-vae's
+    versions."""
+    train = {k: v for k, v in dataclasses.asdict(config.train).items()
+             if k not in _OUTSIDE_THE_STEP}
+    try:
+        version = metadata.version("pyro-vae")
+    except metadata.PackageNotFoundError:  # run from a source tree
+        version = "source"
+    text = json.dumps({"model": dataclasses.asdict(config.model), "train": train,
+                       "binarize": config.data.binarize, "torch": torch.__version__,
+                       "pyro_vae": version}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _remembered() -> set[str]:
+    try:
+        return set(json.loads((inductor_cache() / _MEMORY).read_text()))
+    except (OSError, ValueError, TypeError):  # none yet, or unreadable: nothing known
+        return set()
+
+
+def remember_compiled(config: RunConfig) -> None:
+    """Note that the step of ``config`` compiled into the current cache."""
+    known = _remembered() | {step_signature(config)}
+    path = inductor_cache() / _MEMORY
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(path.name + f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(sorted(known)))
+        scratch.replace(path)
+    except OSError as e:  # a cache that cannot be written only costs a later run time
+        log.debug("could not note the compiled step in %s (%s)", path, e)
+
+
+def compile_step(config: RunConfig, num_train: int, device: torch.device) -> bool:
+    """``{train.compile_step}`` in effect: the setting, or for ``auto`` (``None``) whether
+    compiling the CPU's fast step pays back on this run (see the module's text)."""
+    if config.train.compile_step is not None:
+        return config.train.compile_step
+    if device.type != "cpu" or not config.train.fast_step:
+        return False
+    planned = config.train.epochs * num_train
+    cached = step_signature(config) in _remembered()
+    needed = WARM_COMPILE_IMAGES if cached else AUTO_COMPILE_IMAGES
+    chosen = planned >= needed
+    log.info("the training step is %s: %s images planned, and by default it compiles from "
+             "%s, as an earlier run %s this step", "compiled" if chosen else "traced",
+             f"{planned:,}", f"{needed:,}", "compiled" if cached else "never compiled")
+    return chosen
