@@ -30,7 +30,7 @@ from ..errors import get_logger
 log = get_logger(__name__)
 
 # the images (epochs x training images) from which compiling pays back with an empty
-# cache: compiling took 5-15 s, and saved 7-10 us an image at batch 128-1024 on the
+# cache: compiling took 5-15 s, and saved 6-10 us an image at batch 128-1024 on the
 # project's 2-core CPU (docs/benchmarks.md, "Compiled step (Inductor), cpu")
 AUTO_COMPILE_IMAGES = 2_000_000
 # ... and with the step in the cache (about 2 s in a new process): 500,000 images save
