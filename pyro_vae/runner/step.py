@@ -278,14 +278,14 @@ class Trainer:
             loss, *grads = loss_and_grads(self.objective, names, trainable, *values, x, index)
             ok = finite(loss, grads)
             params = [v for v, t in zip(values, trainable) if t]
-            state = [params, list(adam[:n]), list(adam[n:2 * n]), list(adam[2 * n:])]
+            moments, squares, counts = list(adam[:n]), list(adam[n:2 * n]), list(adam[2 * n:])
             with torch.no_grad():
                 if self.skip_nonfinite:  # a non-finite step changes no state
                     saved = [t.clone() for t in (*params, *adam)]
                     used = [torch.where(ok, g, 0.0) for g in grads]
                 else:
                     used = grads
-                scale = adam_in_graph(state[0], used, *state[1:], lr, **options)
+                scale = adam_in_graph(params, used, moments, squares, counts, lr, **options)
                 if self.skip_nonfinite:
                     for t, old in zip((*params, *adam), saved):
                         t.copy_(torch.where(ok, t, old))
