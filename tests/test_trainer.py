@@ -1,6 +1,7 @@
 """The one training step: the sync-free ELBOs, eager vs traced vs CUDA-graph steps,
 validation of every batch shape, and no host synchronisation inside steps."""
 
+import copy
 import json
 
 import pyro
@@ -8,6 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
 from pyro_vae import (
@@ -23,7 +25,7 @@ from pyro_vae.data import DeviceBatches
 from pyro_vae.onednn import onednn_available
 from pyro_vae.runner.compiling import step_signature
 from pyro_vae.runner.state import EpochProgress
-from pyro_vae.runner.step import Diverged, finite
+from pyro_vae.runner.step import Diverged, drop_identity_views, finite
 from pyro_vae.runner.train import fit_epoch
 
 from .helpers import (
@@ -378,3 +380,27 @@ def test_finite_is_true_exactly_when_the_loss_and_every_gradient_are_finite():
         broken[1, 0] = bad
         assert not bool(finite(loss, [torch.ones(4), broken]))
     assert bool(finite(loss, []))
+
+
+def test_identity_views_are_dropped_and_the_graph_computes_the_same_bits():
+    aten = torch.ops.aten
+
+    def f(w, x):
+        a = aten.alias.default(w)
+        same = w.view(w.shape)  # views that keep their input's layout
+        e = x.expand(x.shape)
+        tt = w.t().t()
+        a.mul_(2.0)  # in place, through an alias: every view sees it
+        return (tt @ e.t()).sum() + same.sum(), w.t() @ w  # w.t(): a real transpose
+
+    w, x = torch.randn(3, 4), torch.randn(5, 4)
+    graph = make_fx(f, tracing_mode="fake")(w, x)
+    before = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
+    assert drop_identity_views(graph) >= 4
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert aten.alias.default not in targets and aten.view.default not in targets
+    assert aten.expand.default not in targets and targets.count(aten.t.default) == 2
+    w_before, w_after = w.clone(), w.clone()
+    expected, got = before(w_before, x), graph(w_after, x)
+    assert torch.equal(w_before, w_after)  # the in-place product of the alias kept
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))

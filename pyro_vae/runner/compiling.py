@@ -1,7 +1,7 @@
 """When the CPU's training step is compiled by Inductor, and where its kernels are kept.
 
 Compiling the traced step (:class:`~pyro_vae.runner.step.Trainer` with ``compile``) makes
-each step faster but costs seconds once: 5-15 s with an empty cache, about 2 s in a new
+each step faster but costs seconds once: 5-16 s with an empty cache, about 2 s in a new
 process when Inductor's cache already holds the step (0.3 s in the process that filled
 it; docs/benchmarks.md, "Compiled step (Inductor), cpu"). By default
 (``compile_step`` None, "auto") a run compiles when it plans enough images to pay that
@@ -30,7 +30,7 @@ from ..errors import get_logger
 log = get_logger(__name__)
 
 # the images (epochs x training images) from which compiling pays back with an empty
-# cache: compiling took 5-15 s, and saved 6-10 us an image at batch 128-1024 on the
+# cache: compiling took 5-16 s, and saved 6-13 us an image at batch 128-1024 on the
 # project's 2-core CPU (docs/benchmarks.md, "Compiled step (Inductor), cpu")
 AUTO_COMPILE_IMAGES = 2_000_000
 # ... and with the step in the cache (about 2 s in a new process): 500,000 images save

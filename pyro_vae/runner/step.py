@@ -97,6 +97,47 @@ def adam_in_graph(params, grads, exp_avgs, exp_avg_sqs, steps, lr, *, beta1: flo
     return scale
 
 
+_VIEWS = (torch.ops.aten.alias.default, torch.ops.aten.view.default,
+          torch.ops.aten.expand.default, torch.ops.aten.t.default)
+
+
+def _same_layout(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
+        and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() \
+        and a.storage_offset() == b.storage_offset()
+
+
+def drop_identity_views(graph: fx.GraphModule) -> int:
+    """Replace, in place, the views of ``graph`` that give their input's own layout -- an
+    alias, a view or expand to the same shape and strides, a transpose of a transpose --
+    by that input, and drop views nobody uses; return how many nodes went. Values and
+    memory are the same (a view shares its input's storage); a replayed graph makes one
+    Python call per node, and at batch 128 these were 44 of the step's 271 nodes and
+    about 7% of its time (``python -m scripts.compiled_step`` measures the step)."""
+    count = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target not in _VIEWS \
+                or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        if node.target is torch.ops.aten.t.default and source.op == "call_function" \
+                and source.target is torch.ops.aten.t.default:
+            source = source.args[0]
+        elif not _same_layout(node.meta.get("val"), source.meta.get("val")):
+            continue
+        node.replace_all_uses_with(source)
+        graph.graph.erase_node(node)
+        count += 1
+    for node in reversed(list(graph.graph.nodes)):
+        if node.op == "call_function" and node.target in _VIEWS and not node.users:
+            graph.graph.erase_node(node)
+            count += 1
+    if count:
+        graph.graph.lint()
+        graph.recompile()
+    return count
+
+
 def _no_guards(entries) -> list[bool]:
     """``guard_filter_fn`` of ``torch.compile``: keep none of Dynamo's guards."""
     return [False] * len(entries)
@@ -301,8 +342,9 @@ class Trainer:
                 f"the training step of this model cannot be traced into a graph ({reason}); "
                 "a likelihood or network whose Python branches on tensor values needs "
                 "{train.fast_step=False}") from None
-        log.debug("traced the step for batch shape %s: %d nodes in %.2f s", key[0],
-                  len(graph.graph.nodes), time.perf_counter() - start)
+        dropped = drop_identity_views(graph)
+        log.debug("traced the step for batch shape %s: %d nodes (%d views dropped) in %.2f s",
+                  key[0], len(graph.graph.nodes), dropped, time.perf_counter() - start)
         if self.onednn:
             graph = self._with_onednn(key, graph, x, index)
         if self._compiles(x):
@@ -333,6 +375,7 @@ class Trainer:
         count = use_onednn(rewritten, for_inductor=self._compiles(x))
         if not count:
             return graph
+        drop_identity_views(rewritten)  # oneDNN's weight is often a transpose of one
         n = 2 + len(self.params)  # loss, finite and the gradients
         try:
             outputs = [[a for i, a in enumerate(self._scratch_run(g, x, index)[:n]) if i != 1]
