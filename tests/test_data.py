@@ -6,6 +6,7 @@ import torch
 
 from pyro_vae import DataConfig, DataError, load_dataset
 from pyro_vae.data import DeviceBatches, binarize, load_mnist_sample, read_idx, read_idx_split
+from pyro_vae.data.batching import binarized_rows, counter_uniform
 
 from .helpers import write_idx
 
@@ -206,6 +207,67 @@ def test_dynamic_binarization_draws_each_pixel_with_its_gray_level_as_probabilit
     assert freq[0] == 0 and freq[-1] == 1
     se = (levels * (1 - levels) / draws[..., 0].numel()).sqrt()
     assert torch.all((freq - levels).abs() <= 5 * se), (freq, levels)
+
+
+def lowbias32_counter(n: int, k0: int, k1: int) -> int:
+    """The counter generator's 24 bits for element ``n``, from Wellons' C on Python ints."""
+    def mix(h):
+        h ^= h >> 16
+        h = (h * 0x7FEB352D) & 0xFFFFFFFF
+        h ^= h >> 15
+        h = (h * 0x846CA68B) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+    return mix(mix(n ^ (k0 & 0xFFFFFFFF)) ^ (k1 & 0xFFFFFFFF)) >> 8
+
+
+@pytest.mark.parametrize("k0, k1", [(0, 0), (-2**31, 2**31 - 1), (0x1234567, -0x7654321)])
+def test_counter_uniform_is_lowbias32_of_the_element_index_under_the_key(k0, k1):
+    """Element n of the draws is lowbias32(lowbias32(n ^ k0) ^ k1) >> 8 over 2^24, exactly:
+    the torch integer arithmetic (masked shifts, wrapping products) is the unsigned C,
+    across the eager blocks' seams and at the extreme keys."""
+    u = counter_uniform((3, 70_000), torch.tensor([k0, k1], dtype=torch.int32)).flatten()
+    positions = [0, 1, 2, 65_535, 65_536, 65_537, 131_071, 131_072, 209_999]
+    assert u[positions].tolist() == [lowbias32_counter(n, k0, k1) / 2**24 for n in positions]
+    assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+
+
+def test_counter_uniforms_are_uniform_and_independent_of_neighbours_and_key_bits():
+    """2^20 draws: a flat histogram (chi-square of 256 bins within 5 of its standard
+    deviations), each of the 24 bits fair, no correlation between neighbouring elements,
+    nor between the draws of two keys one bit apart (each within 5 standard errors)."""
+    n = 2**20
+    a = counter_uniform((n,), torch.tensor([12345, 678], dtype=torch.int32)).double()
+    b = counter_uniform((n,), torch.tensor([12345, 679], dtype=torch.int32)).double()
+    counts = torch.histc(a, bins=256, min=0, max=1)
+    chi2 = float(((counts - n / 256) ** 2 / (n / 256)).sum())
+    assert abs(chi2 - 255) < 5 * (2 * 255) ** 0.5, chi2
+    bits = (a * 2**24).long()
+    for k in range(24):
+        assert abs(float(((bits >> k) & 1).double().mean()) - 0.5) < 5 * 0.5 / n**0.5, k
+
+    def corr(p, q):
+        return float(torch.corrcoef(torch.stack([p, q]))[0, 1])
+    assert abs(corr(a[:-1], a[1:])) < 5 / n**0.5
+    assert abs(corr(a, b)) < 5 / n**0.5
+
+
+def test_dynamic_binarization_is_the_counter_uniforms_below_the_pixels():
+    x = torch.rand(20, 30)
+    index = torch.tensor([3, 0, 19, 3])
+    key = torch.tensor([7, -9], dtype=torch.int32)
+    expected = (counter_uniform((4, 30), key) < x[index]).float()
+    assert torch.equal(binarized_rows(x, index, key), expected)
+
+
+def test_a_batch_s_key_comes_from_the_global_torch_rng():
+    """Reseeding the global generator repeats a dynamic batch (a checkpoint's RNG state
+    resumes binarization exactly); the stream moves on between batches."""
+    batches = DeviceBatches(torch.full((40, 50), 0.5), batch_size=40, dynamic=True)
+    index = torch.arange(40)
+    torch.manual_seed(5)
+    first, second = batches.gather(index), batches.gather(index)
+    torch.manual_seed(5)
+    assert torch.equal(batches.gather(index), first) and not torch.equal(first, second)
 
 
 def test_gzip_detected_by_content_not_name(tmp_path, rng):

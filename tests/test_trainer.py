@@ -22,8 +22,9 @@ from pyro_vae import (
     train,
 )
 from pyro_vae.data import DeviceBatches
+from pyro_vae.data.batching import binarized_rows
 from pyro_vae.onednn import onednn_available
-from pyro_vae.runner.compiling import step_signature
+from pyro_vae.runner.compiling import compile_gather, step_signature
 from pyro_vae.runner.state import EpochProgress
 from pyro_vae.runner.step import Diverged, drop_identity_views, finite
 from pyro_vae.runner.train import fit_epoch
@@ -339,6 +340,36 @@ def test_a_step_that_cannot_be_compiled_falls_back_to_the_traced_step(monkeypatc
         loss, finite = trainer.step(x, torch.arange(8))
     assert bool(finite) and not trainer.compile and trainer.mode == "traced"
     assert "could not be compiled (no C++ compiler here)" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_compiled_gather_draws_the_eager_gather_s_bits(tmp_path, monkeypatch):
+    """Batches of the compiled size come from one fused kernel, the last smaller one from
+    the eager function; every batch is the eager gather's, bit for bit."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    x = torch.rand(50, 16)
+    compiled, eager = (DeviceBatches(x, 8, dynamic=True) for _ in range(2))
+    assert compile_gather(compiled, 8) > 0
+    assert compiled.rows is not binarized_rows and compiled.rows_batch == 8
+    perm = compiled.permutation(1)
+    torch.manual_seed(3)
+    fused = list(compiled.batches(perm))
+    torch.manual_seed(3)
+    reference = list(eager.batches(perm))
+    assert [len(b) for b in fused] == [8] * 6 + [2]
+    assert all(torch.equal(a, b) for a, b in zip(fused, reference, strict=True))
+
+
+def test_a_gather_that_cannot_be_compiled_stays_eager(monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    batches = DeviceBatches(torch.rand(50, 16), 8, dynamic=True)
+    with caplog.at_level("WARNING", logger="pyro_vae"):
+        assert compile_gather(batches, 8) == 0.0
+    assert batches.rows is binarized_rows and batches.rows_batch == 8  # not tried again
+    assert "gather could not be compiled (no C++ compiler here)" in caplog.text
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import ConfigError, get_logger
 from ..onednn import use_onednn
-from .compiling import use_inductor_cache
+from .compiling import inductor, use_inductor_cache
 
 log = get_logger(__name__)
 
@@ -136,11 +136,6 @@ def drop_identity_views(graph: fx.GraphModule) -> int:
         graph.graph.lint()
         graph.recompile()
     return count
-
-
-def _no_guards(entries) -> list[bool]:
-    """``guard_filter_fn`` of ``torch.compile``: keep none of Dynamo's guards."""
-    return [False] * len(entries)
 
 
 def _adam(params, lr: torch.Tensor, eps: float, beta1: float, capturable: bool
@@ -399,19 +394,14 @@ class Trainer:
         return rewritten
 
     def _compiled(self, key, graph, x, index):
-        """``graph`` compiled by Inductor, run once on a copy of the state; ``None``, with
-        one logged line, where compilation fails.
-
-        Dynamo keeps no guards (:meth:`step` keys graphs by batch shape and hands them
-        contiguous batches and the same state tensors; checking them took 85 us a step).
-        Random draws go through aten (``fallback_random``): the noise stream stays the
-        traced graph's."""
+        """``graph`` compiled by Inductor (:func:`~pyro_vae.runner.compiling.inductor`: no
+        guards, :meth:`step` keys graphs by batch shape and hands them contiguous batches
+        and the same state tensors), run once on a copy of the state; ``None``, with one
+        logged line, where compilation fails."""
         cache = use_inductor_cache()
         start = time.perf_counter()
         try:
-            compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
-                                     options={"fallback_random": True,
-                                              "guard_filter_fn": _no_guards})
+            compiled = inductor(graph)
             self._scratch_run(compiled, x, index)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the traced step works
             reason = " ".join(str(e).split())[:160] or type(e).__name__

@@ -30,7 +30,7 @@ from ..registry import MAIN
 from ..semisupervised import partial_labels
 from ..tracking import TensorBoard, check_available
 from .allocator import keep_freed_memory
-from .compiling import compile_step, remember_compiled, use_inductor_cache
+from .compiling import compile_gather, compile_step, remember_compiled, use_inductor_cache
 from .distributed import Context, init_from_env
 from .resolve import build_vae, check_config, check_memory, resolve, resolve_device
 from .rundir import Run, RunDir
@@ -297,6 +297,9 @@ def fit_epoch(trainer: Trainer, batches: DeviceBatches, progress: EpochProgress,
     step = progress.step
     trainer.objective.train()
     start = time.perf_counter()
+    if trainer.compile and batches.rows_batch is None:  # the gather compiled with the step
+        trainer.compile_seconds += compile_gather(batches, trainer.compile_batch
+                                                  or batches.batch_size)
     if threads is not None:
         threads.resume()
     for index in batches.indices(progress.perm, step):
