@@ -419,17 +419,20 @@ def report(args, result) -> str:
         lines += ["", "NumPyro's examples/vae: not measured here (JAX and NumPyro are not "
                   "installed on this machine)."]
     else:  # the yardstick: pyro-vae's step against NumPyro's fused epoch
-        lines.append("")
+        lines += ["", "Against NumPyro's fused epoch: the ratio of the medians above, and in "
+                  "brackets the ratio in each round of epochs (the two contenders ran seconds "
+                  "apart in a round, so a round's ratio is the least touched by this machine's "
+                  "drift):", ""]
         for b in sorted({r["batch_size"] for r in result["rows"]}):
-            at = {r["name"]: r["seconds_per_epoch"] for r in result["rows"]
-                  if r["batch_size"] == b}
-            fused = next((v for k, v in at.items() if "fori_loop" in k), None)
-            ours = [(k.split("(")[-1].rstrip(")"), v) for k, v in at.items()
+            at = {r["name"]: r for r in result["rows"] if r["batch_size"] == b}
+            fused = next((r for k, r in at.items() if "fori_loop" in k), None)
+            ours = [(k.split("(")[-1].rstrip(")"), r) for k, r in at.items()
                     if k.startswith("pyro-vae Trainer, Trace_ELBO, fast")]
             if fused is not None:
-                lines.append(f"- batch {b}: pyro-vae's step takes "
-                             + ", ".join(f"{v / fused:.2f}x ({way})" for way, v in ours)
-                             + " the time of NumPyro's fused epoch.")
+                lines.append(f"- batch {b}: pyro-vae's step takes " + ", ".join(
+                    f"{r['seconds_per_epoch'] / fused['seconds_per_epoch']:.2f}x ("
+                    + " / ".join(f"{a / f:.2f}" for a, f in zip(r["epochs"], fused["epochs"]))
+                    + f"; {way})" for way, r in ours) + " the time of NumPyro's fused epoch.")
     lines += ["", "`pyro-vae train` end to end, in its own process (start-up, data loading, "
               "test ELBO and checkpoint every epoch, closing figures; "
               f"{result['end_to_end'][0]['dataset']}, {args.epochs} epochs). Its training "

@@ -10,7 +10,8 @@ process that stops itself), interleaved contender by contender:
 - plain PyTorch with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once);
 - pyro-vae's Trainer with the fast step, the thread count fixed at torch's default;
 - pyro-vae's Trainer with the fast step and its :class:`~pyro_vae.runner.threads.ThreadTuner`
-  (what ``pyro-vae train`` runs on the CPU);
+  (what ``pyro-vae train`` runs on the CPU), the step traced, and compiled (what long runs
+  choose; compiled in the untimed warm-up epoch);
 - NumPyro's examples/vae, the whole epoch in one jitted ``fori_loop`` (where installed);
 - ``pyro-vae train`` end to end (its ``images_per_second``, after the first epoch).
 
@@ -41,6 +42,8 @@ CONTENDERS = [
     ("plain PyTorch, eager, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, "plain"),
     ("pyro-vae Trainer, fast step, threads fixed", {}, "pyro-vae-fixed"),
     ("pyro-vae Trainer, fast step, thread tuner (pyro-vae train)", {}, "pyro-vae"),
+    ("pyro-vae Trainer, compiled step, thread tuner (long runs of pyro-vae train)", {},
+     "pyro-vae-compiled"),
     ("NumPyro examples/vae: the epoch in one jitted fori_loop", {}, "numpyro"),
     ("pyro-vae train, end to end", {}, "cli"),
 ]
@@ -62,12 +65,13 @@ def child(kind: str, args) -> dict:
     steps = -(-len(x) // BATCH)
     if kind == "plain":
         contender = plain(x, BATCH, torch.device("cpu"))
-    elif kind in ("pyro-vae", "pyro-vae-fixed"):
+    elif kind.startswith("pyro-vae"):
         from pyro_vae.runner.allocator import keep_freed_memory
 
         keep_freed_memory()  # as `pyro-vae train` sets its process
-        contender = pyro_vae_trainer(x, BATCH, torch.device("cpu"),
-                                     threads=kind == "pyro-vae")
+        contender = pyro_vae_trainer(x, BATCH, torch.device("cpu"),  # compiled in epoch 0
+                                     threads=kind != "pyro-vae-fixed",
+                                     compile=kind == "pyro-vae-compiled")
     else:
         from scripts import numpyro_vae
 
