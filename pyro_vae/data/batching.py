@@ -32,9 +32,10 @@ def binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
 # does; on int32 tensors, with the right shifts masked to logical ones, and products that
 # wrap modulo 2^32 on every torch backend
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - 2**32
-# elements hashed at a time when eager: 256 KB of int32 stay in the L2 cache through the
-# hash's 25 passes (a batch of 1024 MNIST images at once went out to L3: 1.7x slower)
-_BLOCK = 2**16
+# elements hashed at a time when eager, in the L2 cache through the hash's 25 passes: a
+# batch of 1024 MNIST images hashed at once took 1.3x as long as in blocks of 2^17, 2^16
+# blocks cost a batch of 128 images 1.4x (docs/benchmarks.md)
+_BLOCK = 2**17
 
 
 def _lowbias32_(h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,10 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], key: torch.Tensor) -> t
     ``key``: two int32 words on the device. Each element is computed on its own, so the
     draws are the same bits on every device, thread count and compiler (integer
     arithmetic only), and a compiled gather fuses them with the comparison that
-    binarizes (on the CPU, a fifth of the time of torch's sequential Mersenne Twister
-    with ``index_select``). Eagerly, blocks of :data:`_BLOCK` elements are hashed in
-    place, in the cache.
+    binarizes (on the CPU a sixth to a ninth of the time of ``index_select`` and torch's
+    sequential Mersenne Twister). Eagerly, blocks of :data:`_BLOCK` elements are hashed
+    in place, in the cache: about torch's time at 128 MNIST images a batch, up to 2.3x
+    at 1024.
     """
     numel = 1
     for d in shape:
