@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch._inductor
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
@@ -24,7 +25,8 @@ from pyro_vae import (
 from pyro_vae.data import DeviceBatches
 from pyro_vae.data.batching import binarized_rows
 from pyro_vae.onednn import onednn_available
-from pyro_vae.runner.compiling import compile_gather, step_signature
+from pyro_vae.runner import step as step_module
+from pyro_vae.runner.compiling import compile_gather, compile_graph, step_signature
 from pyro_vae.runner.state import EpochProgress
 from pyro_vae.runner.step import Diverged, drop_identity_views, finite
 from pyro_vae.runner.train import fit_epoch
@@ -327,11 +329,54 @@ def test_the_compiled_step_equals_the_traced_step_within_float_rounding(tmp_path
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+def test_the_compiled_step_calls_onednn_s_kernel_not_the_operator_s_python_kernel(
+        tmp_path, monkeypatch):
+    """Compiled, ``pyro_vae::linear`` is a direct call of oneDNN's kernel (the lowering of
+    ``lower_for_inductor``): the operator, which dispatches to Python, is never called."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = []
+
+    def compile_graph_noted(graph, inputs):
+        compiled.append(graph)
+        return compile_graph(graph, inputs)
+
+    monkeypatch.setattr(step_module, "compile_graph", compile_graph_noted)
+    (vae, _), _ = trainer_pair()
+    trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64),
+                      1e-2, compile=True)
+    x = values_in_support("bernoulli", (8, 16), torch.Generator().manual_seed(1))
+    trainer.step(x, torch.arange(8))
+    [graph] = compiled
+    assert any(n.target == torch.ops.pyro_vae.linear.default for n in graph.graph.nodes)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.step(x, torch.arange(8))
+    assert trainer.compile
+    assert "pyro_vae::linear" not in {e.name for e in prof.events()}
+
+
+@pytest.mark.slow
+def test_a_compiled_graph_takes_none_where_it_was_traced_with_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+    def f(x, index, y):
+        z = x * 2 if index is None else x[index]
+        return (z + y).sum(), z
+
+    x, y = torch.rand(5, 3), torch.rand(3)
+    graph = make_fx(f, tracing_mode="fake")(x, None, y)
+    compiled = compile_graph(graph, [x, None, y])
+    x2, y2 = torch.rand(5, 3), torch.rand(3)
+    for a, b in zip(compiled(x2, None, y2), f(x2, None, y2), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_step_that_cannot_be_compiled_falls_back_to_the_traced_step(monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(torch._inductor, "compile", refuse)
     (vae, _), _ = trainer_pair()
     trainer = Trainer(Objective(vae, SyncFreeTrace_ELBO(max_plate_nesting=1), num_data=64),
                       1e-2, compile=True)
@@ -364,7 +409,7 @@ def test_a_gather_that_cannot_be_compiled_stays_eager(monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(torch._inductor, "compile", refuse)
     batches = DeviceBatches(torch.rand(50, 16), 8, dynamic=True)
     with caplog.at_level("WARNING", logger="pyro_vae"):
         assert compile_gather(batches, 8) == 0.0

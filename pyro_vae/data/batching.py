@@ -49,7 +49,8 @@ def _lowbias32_(h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def counter_uniform(shape: torch.Size | tuple[int, ...], key: torch.Tensor) -> torch.Tensor:
+def counter_uniform(shape: torch.Size | tuple[int, ...], key: torch.Tensor, *,
+                    block: int = _BLOCK) -> torch.Tensor:
     """Float32 uniforms on [0, 1), one per element of ``shape``, from a counter-based
     generator (the design of Salmon et al.'s Philox, with a cheaper round): element ``n``
     (row-major) is ``lowbias32(lowbias32(n ^ key[0]) ^ key[1])``, its top 24 bits over 2^24.
@@ -58,9 +59,9 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], key: torch.Tensor) -> t
     draws are the same bits on every device, thread count and compiler (integer
     arithmetic only), and a compiled gather fuses them with the comparison that
     binarizes (on the CPU a sixth to a ninth of the time of ``index_select`` and torch's
-    sequential Mersenne Twister). Eagerly, blocks of :data:`_BLOCK` elements are hashed
-    in place, in the cache: about torch's time at 128 MNIST images a batch, up to 2.3x
-    at 1024.
+    sequential Mersenne Twister). Eagerly, blocks of ``block`` elements are hashed in
+    place, in the cache: about torch's time at 128 MNIST images a batch, up to 2.3x at
+    1024; a graph traced for a compiler takes the whole batch as one block.
     """
     numel = 1
     for d in shape:
@@ -68,7 +69,6 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], key: torch.Tensor) -> t
     if numel > 2**31:
         raise ValueError(f"counter_uniform: {numel} draws in one call; at most 2^31")
     u = torch.empty(numel, dtype=torch.float32, device=key.device)
-    block = numel if torch.compiler.is_compiling() else _BLOCK
     for start in range(0, numel, block):
         h = torch.arange(start, min(start + block, numel), dtype=torch.int32,
                          device=key.device)
@@ -79,12 +79,13 @@ def counter_uniform(shape: torch.Size | tuple[int, ...], key: torch.Tensor) -> t
     return u.mul_(2.0**-24).view(shape)
 
 
-def binarized_rows(x: torch.Tensor, index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def binarized_rows(x: torch.Tensor, index: torch.Tensor, key: torch.Tensor, *,
+                   block: int = _BLOCK) -> torch.Tensor:
     """The images ``x[index]``, each pixel a fresh Bernoulli(pixel) draw, ``u < x`` with
     ``u`` from :func:`counter_uniform` under ``key`` (probability the pixel's value, to
-    2^-24)."""
+    2^-24); ``block``: as there."""
     xb = x.index_select(0, index)
-    return torch.lt(counter_uniform(xb.shape, key), xb).to(xb.dtype)
+    return torch.lt(counter_uniform(xb.shape, key, block=block), xb).to(xb.dtype)
 
 
 class DeviceBatches:

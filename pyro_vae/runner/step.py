@@ -31,7 +31,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import ConfigError, get_logger
 from ..onednn import use_onednn
-from .compiling import inductor, use_inductor_cache
+from .compiling import compile_graph, use_inductor_cache
 
 log = get_logger(__name__)
 
@@ -394,14 +394,14 @@ class Trainer:
         return rewritten
 
     def _compiled(self, key, graph, x, index):
-        """``graph`` compiled by Inductor (:func:`~pyro_vae.runner.compiling.inductor`: no
-        guards, :meth:`step` keys graphs by batch shape and hands them contiguous batches
-        and the same state tensors), run once on a copy of the state; ``None``, with one
-        logged line, where compilation fails."""
+        """``graph`` compiled by Inductor (:func:`~pyro_vae.runner.compiling.compile_graph`:
+        nothing checked at a call; :meth:`step` keys graphs by batch shape and hands them
+        contiguous batches and the same state tensors), run once on a copy of the state;
+        ``None``, with one logged line, where compilation fails."""
         cache = use_inductor_cache()
         start = time.perf_counter()
         try:
-            compiled = inductor(graph)
+            compiled = compile_graph(graph, [*self._step_inputs(), x, index])
             self._scratch_run(compiled, x, index)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the traced step works
             reason = " ".join(str(e).split())[:160] or type(e).__name__
