@@ -1,9 +1,9 @@
 """When the CPU's training step is compiled by Inductor, and where its kernels are kept.
 
 Compiling the traced step (:class:`~pyro_vae.runner.step.Trainer` with ``compile``) makes
-each step faster but costs seconds once: 5-16 s with an empty cache, about 2 s in a new
-process when Inductor's cache already holds the step (0.3 s in the process that filled
-it; docs/benchmarks.md, "Compiled step (Inductor), cpu"). By default
+each step faster but costs seconds once: 7-14 s with an empty cache, about 1.2 s in a new
+process when Inductor's cache already holds the step and its gather (docs/benchmarks.md,
+"Compiled step (Inductor), cpu" and "The compiled step is the default"). By default
 (``compile_step`` None, "auto") a run compiles when it plans enough images to pay that
 back: :data:`AUTO_COMPILE_IMAGES` cold, :data:`WARM_COMPILE_IMAGES` where an earlier run
 of the same step compiled into the same cache. That memory is a small JSON file beside
@@ -40,11 +40,11 @@ from ..onednn import lower_for_inductor
 log = get_logger(__name__)
 
 # the images (epochs x training images) from which compiling pays back with an empty
-# cache: compiling took 5-16 s, and saved 6-13 us an image at batch 128-1024 on the
+# cache: compiling took 7-14 s, and saved 5-8 us an image at batch 128-1024 on the
 # project's 2-core CPU (docs/benchmarks.md, "Compiled step (Inductor), cpu")
 AUTO_COMPILE_IMAGES = 2_000_000
-# ... and with the step in the cache (about 2 s in a new process): 500,000 images save
-# 3.5-5 s; a default run, 10 epochs of MNIST, plans 600,000
+# ... and with the step in the cache (about 1.2 s in a new process): 500,000 images save
+# 2.5-4 s; a default run, 10 epochs of MNIST, plans 600,000
 WARM_COMPILE_IMAGES = 500_000
 # settings that do not change the traced step: how long a run is, its noise, its rate
 # (a device tensor), what it writes; every other setting is part of the signature
