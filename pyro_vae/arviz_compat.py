@@ -29,7 +29,15 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - arviz is a
 def _az():
     """The arviz module, imported on first use (commands that need no ArviZ start faster)."""
     try:
-        return importlib.import_module("arviz")
+        try:
+            return importlib.import_module("arviz")
+        except FileNotFoundError:
+            # arviz 0.23 writes a once-a-day stamp when imported (its refactor warning),
+            # through one temporary name for every process: when two processes import it
+            # first on a new day (pytest's workers, torchrun's ranks), the slower one finds
+            # the file already moved into place. The stamp is written then, so a second
+            # import does not write it again.
+            return importlib.import_module("arviz")
     except ImportError:  # pragma: no cover - arviz is a dependency; the message says what to do
         raise ImportError("ArviZ is not installed; pip install arviz") from None
 

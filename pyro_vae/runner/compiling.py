@@ -55,6 +55,9 @@ _MEMORY = "pyro-vae-compiled-steps.json"
 # Python: 3% off the step at batch 128 for half a second more of compiling (13.7 against
 # 13.2 s with an empty cache, 1.4 against 1.2 s from the cache)
 CPP_WRAPPER = True
+# part of Inductor's cache key for code whose oneDNN products are direct calls (Inductor's
+# keys hold its settings but not its lowerings)
+_LOWERED_TAG = "pyro-vae:onednn-lowered"
 
 
 def inductor_cache() -> Path:
@@ -78,7 +81,7 @@ def use_inductor_cache() -> Path:
 def step_signature(config: RunConfig) -> str:
     """A hash of what shapes a run's training step: the model, the data's binarization,
     the training settings but those in ``_OUTSIDE_THE_STEP``, torch's and pyro-vae's
-    versions."""
+    versions, how Inductor is asked to compile (what keys its cache)."""
     train = {k: v for k, v in dataclasses.asdict(config.train).items()
              if k not in _OUTSIDE_THE_STEP}
     try:
@@ -87,7 +90,8 @@ def step_signature(config: RunConfig) -> str:
         version = "source"
     text = json.dumps({"model": dataclasses.asdict(config.model), "train": train,
                        "binarize": config.data.binarize, "torch": torch.__version__,
-                       "pyro_vae": version}, sort_keys=True, default=str)
+                       "pyro_vae": version, "inductor": [CPP_WRAPPER, _LOWERED_TAG]},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -137,14 +141,12 @@ def compile_graph(graph: fx.GraphModule, inputs: Sequence[torch.Tensor | None]
     (:func:`~pyro_vae.onednn.lower_for_inductor`).
 
     Called without Dynamo: nothing is checked at a call (Dynamo's frame, cache lookup,
-    guards and per-call option patches took 0.1-0.2 ms a step at batch 128, a tenth of
+    guards and per-call option patches took about 0.2 ms a step at batch 128, a tenth of
     it), so the caller keys what it compiles by shape and hands over inputs of the same
     layout, as the traced step does (a graph per batch shape)."""
     import torch._inductor  # a second of imports: only where a run compiles
 
-    # Inductor's cache keys hold its settings but not its lowerings: a tag keeps code
-    # compiled with the direct oneDNN calls apart from code compiled without them
-    tag = "pyro-vae:onednn-lowered" if lower_for_inductor() else ""
+    tag = _LOWERED_TAG if lower_for_inductor() else ""
     keep = [i for i, v in enumerate(inputs) if v is not None]
     if len(keep) < len(inputs):  # an input traced as None: no placeholder takes it
         graph = fx.GraphModule(graph, copy.deepcopy(graph.graph))
