@@ -1,5 +1,6 @@
 """The measurement scripts run end to end on tiny settings."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -184,3 +185,26 @@ def test_the_allocator_measurement_compares_glibc_s_default_with_kept_memory(tmp
                       "--epochs", "1", "--images", "512")
     row = next(line for line in text.splitlines() if line.startswith("| 64 |"))
     assert "## Allocator (cpu)" in text and len(row.split("|")) == 7
+
+
+def test_the_benchmark_sets_pyro_vae_train_against_the_step_it_chose():
+    from scripts import benchmark
+
+    def row(way, seconds):
+        return {"name": f"pyro-vae Trainer, Trace_ELBO, fast step ({way})", "batch_size": 128,
+                "seconds_per_epoch": seconds, "epochs": [seconds],
+                "images_per_second": 60000 / seconds, "ratio_to_plain": 1.0,
+                "host_reads_per_step": 0, "peak_memory_mb": None}
+
+    def run(compiled):
+        return {"batch_size": 128, "compiled": compiled, "wall_seconds": 10.0,
+                "images_per_second_after_first": 54000.0, "test_elbo": -100.0,
+                "dataset": "mnist"}
+
+    result = {"machine": "a test machine", "images": 60000, "data": "mnist", "numpyro": False,
+              "rows": [row("traced graph", 2.0), row("Inductor-compiled graph", 1.0)],
+              "end_to_end": [run(True), run(False)]}
+    args = argparse.Namespace(device="cpu", epochs=5, quick=False, batch_sizes=[128])
+    text = benchmark.report(args, result)
+    assert "| 128 | inductor-compiled | 10.0 | 54,000 | 0.90 | -100.00 |" in text
+    assert "| 128 | traced | 10.0 | 54,000 | 1.80 | -100.00 |" in text
