@@ -145,8 +145,8 @@ class TrainConfig:
                               "replaying it as a traced graph (CPU) or a CUDA graph",
                               flag="no-fast-step")
     compile_step: bool | None = setting(
-        None, "CPU: compile the traced step with Inductor into fused kernels (an epoch "
-        "measured 1.6-1.9x faster a step on a 2-core CPU; compiling takes 7-14 s, or about "
+        None, "CPU: compile the traced step with Inductor into fused kernels (a step "
+        "measured 1.6-1.9x faster on a 2-core CPU; compiling takes 7-14 s, or about "
         "1.2 s from the cache in ~/.cache/pyro-vae/inductor); default: auto, on for runs of "
         "at least 2,000,000 images (epochs x training images), or 500,000 where an "
         "earlier run compiled the same step, decided at the start and kept in the run's "
